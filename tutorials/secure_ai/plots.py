@@ -1,0 +1,70 @@
+"""Plots a reader would rather look at than read: digits, label histograms, learning curves."""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from .data import MNIST_MEAN, MNIST_STD
+
+
+def show_digits(images, labels=None, n: int = 32, cols: int = 8, title: str | None = None):
+    """A grid of the first ``n`` digits (normalized or raw), each titled with its label."""
+    images = torch.as_tensor(images)
+    if images.ndim == 4:
+        images = images[:, 0]
+    if images.ndim != 3:
+        raise ValueError(f"images must have shape (N, 28, 28) or (N, 1, 28, 28), got {tuple(images.shape)}")
+    n = min(n, len(images))
+    if n == 0:
+        raise ValueError("no images to show")
+    if images.is_floating_point() and images.min() < 0:  # undo Normalize for display
+        images = images * MNIST_STD + MNIST_MEAN
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * 1.1, rows * 1.25), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < n:
+            ax.imshow(images[i], cmap="gray_r")
+            if labels is not None:
+                ax.set_title(int(labels[i]), fontsize=9)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def plot_label_histogram(labels_by_owner: Mapping[str, Sequence[int]], n_classes: int = 10, ax=None):
+    """Side-by-side bars: how many samples of each digit every data owner holds."""
+    if not labels_by_owner:
+        raise ValueError("labels_by_owner is empty: pass {owner name: labels}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(8, 3.2))
+    width = 0.8 / len(labels_by_owner)
+    classes = np.arange(n_classes)
+    for i, (owner, labels) in enumerate(labels_by_owner.items()):
+        counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=n_classes)[:n_classes]
+        ax.bar(classes + (i - (len(labels_by_owner) - 1) / 2) * width, counts, width, label=owner)
+    ax.set(xticks=classes, xlabel="digit", ylabel="samples", title="Labels held by each data owner")
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+def plot_learning_curves(curves: Mapping[str, Sequence[float]], xlabel: str = "round",
+                         ylabel: str = "test accuracy", ax=None):
+    """One line per run (e.g. federated vs centralized), x = 1..len(curve)."""
+    if not curves:
+        raise ValueError("curves is empty: pass {run name: [value per round]}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 3.5))
+    for name, values in curves.items():
+        values = list(values)
+        ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
+    ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax.figure

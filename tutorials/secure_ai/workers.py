@@ -1,0 +1,268 @@
+"""Data owners as PySyft 0.9.5 datasites.
+
+A :class:`DataOwner` starts a named datasite (in memory by default, or an HTTP server on 127.0.0.1),
+holds private data next to a mock, lets a data scientist register, and reviews their code requests.
+Everything a data owner does goes through syft's own API; this module only removes the boilerplate and the
+noise, and makes restarts clean: starting an owner whose name is already running replaces it, and
+:func:`shutdown_all` leaves no servers, ports or temporary folders behind.
+"""
+from __future__ import annotations
+
+import atexit
+import os
+import re
+import shutil
+import socket
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+
+import numpy as np
+
+from . import syft_patches
+from .quiet import quiet, silence_logging
+
+# syft keeps each datasite's database and blobs under $TMPDIR/$SYFT_TEMP_ROOT/<server id>. One folder per
+# Python process, so that two notebooks (or a notebook and the tests) never share a datasite's files.
+os.environ.setdefault("SYFT_TEMP_ROOT", f"secure-ai-syft-{os.getpid()}")
+TEMP_ROOT = Path(tempfile.gettempdir(), os.environ["SYFT_TEMP_ROOT"])
+
+with quiet():
+    import syft as sy
+syft_patches.apply()
+silence_logging()
+
+# syft 0.9.5 creates every datasite with this admin account. It is a well-known demo credential:
+# fine on your laptop, never on a server that others can reach.
+ADMIN_EMAIL, ADMIN_PASSWORD = "info@openmined.org", "changethis"
+
+_running: dict[str, DataOwner] = {}
+
+
+def running_owners() -> list[str]:
+    """Names of the data owners started in this process and not yet shut down."""
+    return list(_running)
+
+
+def get_owner(name: str) -> DataOwner:
+    """The running data owner called ``name``; a clear error for an unknown name."""
+    if name not in _running:
+        known = ", ".join(sorted(_running)) or "none"
+        raise ValueError(f"unknown data owner {name!r}; running owners: {known}")
+    return _running[name]
+
+
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    """True when nothing listens on ``host:port``."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        return sock.connect_ex((host, port)) != 0
+
+
+class DataOwner:
+    """A data owner (e.g. ``DataOwner("joe")``) running a syft datasite on their own machine.
+
+    ``port=None`` runs the datasite inside this Python process (fast, nothing to clean up); with a port it
+    is a real HTTP server on 127.0.0.1 in a separate process, reachable at :attr:`url`.
+    """
+
+    def __init__(self, name: str, port: int | None = None):
+        if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,39}", name):
+            raise ValueError(
+                f"owner name must be a short word of letters, digits, '-' or '_', got {name!r}"
+            )
+        if port is not None:
+            if not isinstance(port, int) or not 1024 <= port <= 65535:
+                raise ValueError(f"port must be an int between 1024 and 65535, got {port!r}")
+        if name in _running:  # re-running a notebook: replace the old datasite
+            _running[name].shutdown()
+        if port is not None and not port_is_free(port):
+            raise ValueError(f"port {port} is already in use; pick another or shut that server down")
+        self.name, self.port = name, port
+        with quiet():
+            if port is None:
+                self._handle = sy.orchestra.launch(name=name, reset=True)
+            else:
+                self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host="127.0.0.1")
+            self.client = self._handle.login(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+        _running[name] = self
+
+    def __repr__(self) -> str:
+        where = self.url or "in memory"
+        state = "running" if self.is_running else "shut down"
+        return f"DataOwner({self.name!r}, {where}, {state})"
+
+    @property
+    def url(self) -> str | None:
+        """``http://127.0.0.1:<port>`` for an HTTP datasite, ``None`` for an in-memory one."""
+        return None if self.port is None else f"http://127.0.0.1:{self.port}"
+
+    @property
+    def is_running(self) -> bool:
+        return _running.get(self.name) is self
+
+    def _check_running(self) -> None:
+        if not self.is_running:
+            raise RuntimeError(f"data owner {self.name!r} has been shut down; start a new DataOwner")
+
+    # --- data -----------------------------------------------------------------------------------------
+    def upload_dataset(
+        self,
+        name: str,
+        private: Mapping[str, np.ndarray],
+        mock: Mapping[str, np.ndarray],
+        description: str = "",
+    ):
+        """Put a dataset on the datasite: one asset per key, each with its private data and a mock.
+
+        The mock is what a data scientist may look at and test code on: same dtype and the same shape
+        per sample as the private data (it may hold fewer samples).
+        """
+        self._check_running()
+        if set(private) != set(mock) or not private:
+            raise ValueError(
+                f"private and mock must have the same asset names, got {sorted(private)} and {sorted(mock)}"
+            )
+        for key in private:
+            real, fake = np.asarray(private[key]), np.asarray(mock[key])
+            if real.dtype != fake.dtype or real.shape[1:] != fake.shape[1:]:
+                raise ValueError(
+                    f"mock of asset {key!r} must match the private data's dtype and per-sample shape: "
+                    f"private {real.dtype}{real.shape}, mock {fake.dtype}{fake.shape}"
+                )
+        dataset = sy.Dataset(name=name, description=description or f"{name}, held by {self.name}")
+        for key in private:
+            dataset.add_asset(sy.Asset(name=key, data=np.asarray(private[key]), mock=np.asarray(mock[key])))
+        with quiet():
+            self.client.upload_dataset(dataset)
+        return self.client.datasets[name]
+
+    # --- people ---------------------------------------------------------------------------------------
+    def add_data_scientist(self, email: str, password: str, name: str = "Data Scientist") -> None:
+        """Create an account for a data scientist (a guest: it sees mocks, asks before running code)."""
+        self._check_running()
+        if "@" not in email or not password:
+            raise ValueError("a data scientist needs an email address and a non-empty password")
+        with quiet():
+            result = self.client.users.create(name=name, email=email, password=password,
+                                              password_verify=password)
+        if isinstance(result, sy.SyftError):
+            raise ValueError(f"could not create {email} on {self.name}: {result.message}")
+
+    def login(self, email: str, password: str):
+        """Log in to this datasite, as the data scientist does from their own machine."""
+        self._check_running()
+        with quiet():
+            if self.port is None:
+                return self._handle.login(email=email, password=password)
+            return sy.login(url="http://127.0.0.1", port=self.port, email=email, password=password)
+
+    # --- code requests --------------------------------------------------------------------------------
+    def pending_requests(self) -> list:
+        """Code requests that wait for this owner's decision."""
+        self._check_running()
+        return [r for r in self.client.requests if str(r.status) == "RequestStatus.PENDING"]
+
+    def _request_for(self, function_name: str):
+        matches = [
+            r for r in self.pending_requests()
+            if getattr(r.code, "service_func_name", None) == function_name
+        ]
+        if not matches:
+            waiting = [getattr(r.code, "service_func_name", "?") for r in self.pending_requests()]
+            raise ValueError(
+                f"{self.name} has no pending request for a function named {function_name!r}; "
+                f"pending: {waiting or 'none'}"
+            )
+        return matches[-1]
+
+    def code_of(self, function_name: str) -> str:
+        """The source code of a pending request, as the owner reviews it."""
+        return self._request_for(function_name).code.raw_code
+
+    def approve(self, function_name: str) -> None:
+        """Approve the pending request to run ``function_name`` on the private data."""
+        request = self._request_for(function_name)
+        with quiet():
+            result = request.approve()
+        if isinstance(result, sy.SyftError):
+            raise RuntimeError(f"{self.name} could not approve {function_name!r}: {result.message}")
+
+    def deny(self, function_name: str, reason: str) -> None:
+        """Deny the pending request for ``function_name``; the data scientist sees ``reason``."""
+        request = self._request_for(function_name)
+        with quiet():
+            result = request.deny(reason=reason)
+        if isinstance(result, sy.SyftError):
+            raise RuntimeError(f"{self.name} could not deny {function_name!r}: {result.message}")
+
+    def runs(self, function_name: str) -> int:
+        """How many times ``function_name`` has run on this owner's private data."""
+        self._check_running()
+        codes = [c for c in self.client.code.get_all() if c.service_func_name == function_name]
+        if not codes:
+            raise ValueError(f"{self.name} has never received a function named {function_name!r}")
+        with quiet():
+            return sum(len(self.client.api.services.output.get_by_user_code_id(c.id)) for c in codes)
+
+    # --- lifecycle ------------------------------------------------------------------------------------
+    def shutdown(self) -> None:
+        """Stop the datasite, free its port and delete its files. Safe to call twice."""
+        if _running.get(self.name) is not self:
+            return
+        del _running[self.name]
+        with quiet():
+            self._handle.land()
+        from syft.server.utils import get_named_server_uid
+
+        shutil.rmtree(TEMP_ROOT / str(get_named_server_uid(self.name)), ignore_errors=True)
+
+    def __enter__(self) -> DataOwner:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+
+class RemoteError(RuntimeError):
+    """A datasite refused or failed a request. The message is syft's public one, without its traceback."""
+
+
+_HINTS = {
+    "Output policy is not valid": "the owner approved a limited number of runs and they are used up",
+    "waiting for approval": "the owner has not reviewed this request yet",
+}
+
+
+def _clean(message: str) -> str:
+    message = re.sub(r"^<class '[^']+'>\s*", "", str(message)).strip()
+    hints = [hint for key, hint in _HINTS.items() if key in message]
+    return f"{message} ({hints[0]})" if hints else message
+
+
+def call(function, **kwargs):
+    """Run an approved syft function on a datasite and bring its result back (the ``.get()``).
+
+    Raises :class:`RemoteError` with the owner's reason when the request was denied, is still pending,
+    or has used up its approved runs.
+    """
+    from syft.types.errors import SyftException
+
+    with quiet():
+        try:
+            result = function(**kwargs)
+            value = result.get() if isinstance(result, sy.ActionObject) else result
+        except SyftException as error:
+            raise RemoteError(_clean(error.public_message)) from None
+    if isinstance(value, sy.SyftError):
+        raise RemoteError(_clean(value.message))
+    return value
+
+
+def shutdown_all() -> None:
+    """Shut every running data owner down and remove this process's syft folder."""
+    for owner in list(_running.values()):
+        owner.shutdown()
+    shutil.rmtree(TEMP_ROOT, ignore_errors=True)
+
+
+atexit.register(shutdown_all)
