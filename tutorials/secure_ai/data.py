@@ -58,7 +58,9 @@ def normalize(images) -> torch.Tensor:
     """Raw uint8 digits of shape (N, 28, 28) -> float32 (N, 1, 28, 28) with MNIST's mean and std."""
     images = torch.as_tensor(images)
     if images.dtype != torch.uint8 or images.ndim != 3 or tuple(images.shape[1:]) != (28, 28):
-        raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {tuple(images.shape)}")
+        raise ValueError(
+            f"expected uint8 images of shape (N, 28, 28), got {images.dtype} {tuple(images.shape)}"
+        )
     return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
 
 

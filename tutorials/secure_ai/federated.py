@@ -28,7 +28,8 @@ from .workers import DataOwner, RemoteError, _clean, call, sy
 DATASET = "mnist"
 
 
-def upload_mnist(owner: DataOwner, images: np.ndarray, labels: np.ndarray, mock_size: int = 64, seed: int = 0):
+def upload_mnist(owner: DataOwner, images: np.ndarray, labels: np.ndarray, mock_size: int = 64,
+                 seed: int = 0):
     """Owner side: keep ``images`` (uint8, N x 28 x 28) and ``labels`` private, with a noise mock."""
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -82,7 +83,10 @@ def train_remotely(client, function_name: str, weights: Mapping[str, np.ndarray]
 
 
 def fedavg_round(clients: Mapping[str, object], function_name: str, weights: Mapping[str, np.ndarray]):
-    """One FedAvg round: every owner trains from ``weights``; returns (averaged weights, per-owner results)."""
+    """One FedAvg round: every owner trains from ``weights``.
+
+    Returns ``(averaged weights, {owner: the dict its function returned})``.
+    """
     if not clients:
         raise ValueError("fedavg_round needs at least one data owner")
     results = {name: train_remotely(client, function_name, weights) for name, client in clients.items()}

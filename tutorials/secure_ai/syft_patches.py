@@ -23,8 +23,7 @@ _applied = False
 
 def attach_attribute_to_syft_object(result: Any, attr_dict: dict[str, Any]) -> None:
     """syft's function, minus the walk through the bytes of strings and blobs."""
-    from syft.types.syft_object import SyftBaseObject
-    from syft.types.syft_object import Err, Ok
+    from syft.types.syft_object import Err, Ok, SyftBaseObject
 
     if isinstance(result, Ok):
         iterator = (result.ok(),)
@@ -58,17 +57,19 @@ def is_execution_allowed(self, code, context, output_policy):
 
 
 _original_is_execution_allowed = None
+_original_attach = None
 
 
 def apply() -> None:
     """Install both fixes into the imported syft modules (safe to call more than once)."""
-    global _applied, _original_is_execution_allowed
+    global _applied, _original_is_execution_allowed, _original_attach
     if _applied:
         return
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
     from syft.service.code.user_code_service import UserCodeService
 
+    _original_attach = syft_object_module.attach_attribute_to_syft_object
     syft_object_module.attach_attribute_to_syft_object = attach_attribute_to_syft_object
     service_module.attach_attribute_to_syft_object = attach_attribute_to_syft_object
     _original_is_execution_allowed = UserCodeService.is_execution_allowed

@@ -142,9 +142,14 @@ class DataOwner:
         self._check_running()
         if "@" not in email or not password:
             raise ValueError("a data scientist needs an email address and a non-empty password")
+        from syft.types.errors import SyftException
+
         with quiet():
-            result = self.client.users.create(name=name, email=email, password=password,
-                                              password_verify=password)
+            try:
+                result = self.client.users.create(name=name, email=email, password=password,
+                                                  password_verify=password)
+            except SyftException as error:
+                raise ValueError(f"could not create {email} on {self.name}: {error.public_message}") from None
         if isinstance(result, sy.SyftError):
             raise ValueError(f"could not create {email} on {self.name}: {result.message}")
 

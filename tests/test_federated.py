@@ -1,0 +1,118 @@
+"""secure_ai.federated: FedAvg through real syft datasites, on a small slice of MNIST."""
+import numpy as np
+import pytest
+import torch
+from secure_ai import data
+from secure_ai import federated as fl
+from secure_ai import training as tr
+from secure_ai.workers import DataOwner, RemoteError
+
+EMAIL, PASSWORD = "ds@example.org", "pw"
+ROUNDS = 2
+
+
+def train_small(images, labels, weights):
+    import torch
+    from secure_ai.data import normalize
+    from secure_ai.training import MLP, get_weights, set_weights, train_epoch
+
+    torch.manual_seed(len(labels))
+    model = set_weights(MLP(hidden=16), weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    loss = train_epoch(model, normalize(images), torch.from_numpy(labels), optimizer, 32, progress=False)
+    return {"weights": get_weights(model), "n_samples": len(labels), "loss": loss}
+
+
+@pytest.fixture(scope="module")
+def federation(mnist):
+    images, labels = data.mnist_raw(True)
+    parts = [np.arange(0, 300), np.arange(300, 500)]  # unequal sizes: FedAvg must weight them
+    owners = {name: DataOwner(name) for name in ("fjoe", "fjane")}
+    for owner, idx in zip(owners.values(), parts):
+        fl.upload_mnist(owner, images[idx], labels[idx], mock_size=8)
+        owner.add_data_scientist(EMAIL, PASSWORD)
+    clients = {name: owner.login(EMAIL, PASSWORD) for name, owner in owners.items()}
+    for name, client in clients.items():
+        fl.request_training(client, train_small, rounds=ROUNDS)
+        owners[name].approve("train_small")
+    yield owners, clients, parts
+    for owner in owners.values():
+        owner.shutdown()
+
+
+def test_upload_keeps_private_data_private(federation):
+    owners, clients, parts = federation
+    assets = clients["fjoe"].datasets[fl.DATASET].assets
+    assert assets["images"].mock.shape == (8, 28, 28)
+    with fl.quiet():
+        assert assets["images"].data is None
+    private = owners["fjoe"].client.datasets[fl.DATASET].assets["images"].data
+    assert private.shape == (300, 28, 28) and private.dtype == np.uint8
+
+
+def test_fedavg_round_equals_local_fedavg_of_the_same_updates(federation):
+    owners, clients, parts = federation
+    tr.set_seed(0)
+    start = tr.get_weights(tr.MLP(hidden=16))
+    averaged, results = fl.fedavg_round(clients, "train_small", start)
+    assert [r["n_samples"] for r in results.values()] == [300, 200]
+    # The owners' own computation, done here with the private data, gives the same update:
+    images, labels = data.mnist_raw(True)
+    expected = [train_small(images[idx].copy(), labels[idx].copy(), start) for idx in parts]
+    for got, want in zip(results.values(), expected):
+        for name in want["weights"]:
+            np.testing.assert_allclose(got["weights"][name], want["weights"][name], atol=1e-6)
+    reference = tr.fedavg([e["weights"] for e in expected], [300, 200])
+    for name in reference:
+        np.testing.assert_allclose(averaged[name], reference[name], atol=1e-6)
+    assert not np.allclose(averaged["net.1.weight"], start["net.1.weight"])
+
+
+def test_run_fedavg_trains_and_stops_at_the_approved_rounds(federation, mnist):
+    owners, clients, _ = federation
+    _, (test_x, test_y) = mnist
+    tr.set_seed(1)
+    model = tr.MLP(hidden=16)
+    before = tr.evaluate(model, test_x[:1000], test_y[:1000])[0]
+    history = fl.run_fedavg(model, clients, "train_small", 1, (test_x[:1000], test_y[:1000]), progress=False)
+    assert len(history) == 1 and history[0] > before + 0.2
+    assert all(owner.runs("train_small") == ROUNDS for owner in owners.values())
+    with pytest.raises(RemoteError, match="used up"):
+        fl.train_remotely(clients["fjoe"], "train_small", tr.get_weights(model))
+
+
+def test_clear_errors_for_bad_input(federation):
+    owners, clients, _ = federation
+    owner = owners["fjoe"]
+    with pytest.raises(ValueError, match="uint8"):
+        fl.upload_mnist(owner, np.zeros((2, 28, 28), dtype=np.float32), np.zeros(2))
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fl.upload_mnist(owner, np.zeros((2, 28, 28), dtype=np.uint8), np.zeros(3))
+    with pytest.raises(ValueError, match="empty partition"):
+        fl.upload_mnist(owner, np.zeros((0, 28, 28), dtype=np.uint8), np.zeros(0))
+    with pytest.raises(ValueError, match="rounds"):
+        fl.request_training(clients["fjoe"], train_small, rounds=0)
+    with pytest.raises(ValueError, match="no function 'nope'"):
+        fl.train_remotely(clients["fjoe"], "nope", {})
+    with pytest.raises(ValueError, match="at least one data owner"):
+        fl.fedavg_round({}, "train_small", {})
+
+
+def test_request_training_needs_the_dataset():
+    with DataOwner("empty") as owner:
+        owner.add_data_scientist(EMAIL, PASSWORD)
+        with pytest.raises(ValueError, match="no dataset 'mnist'"):
+            fl.request_training(owner.login(EMAIL, PASSWORD), train_small, rounds=1)
+
+
+def test_function_without_weights_and_counts_is_rejected(federation):
+    owners, clients, _ = federation
+
+    def returns_nothing_useful(images, labels, weights):
+        return {"loss": 0.0}
+
+    for name, client in clients.items():
+        fl.request_training(client, returns_nothing_useful, rounds=1)
+        owners[name].approve("returns_nothing_useful")
+    with pytest.raises(ValueError, match="'weights' and 'n_samples'"):
+        fl.fedavg_round(clients, "returns_nothing_useful", {"w": torch.zeros(1).numpy()})

@@ -1,0 +1,44 @@
+"""secure_ai.plots: each plot draws what it says and rejects empty input."""
+import numpy as np
+import pytest
+import torch
+from secure_ai import plots
+
+
+def test_show_digits_draws_a_titled_grid():
+    images = torch.randn(10, 1, 28, 28)
+    fig = plots.show_digits(images, labels=list(range(10)), n=10, cols=5, title="digits")
+    shown = [ax for ax in fig.axes if ax.images]
+    assert len(shown) == 10
+    assert [ax.get_title() for ax in shown] == [str(i) for i in range(10)]
+    assert fig._suptitle.get_text() == "digits"
+    raw = plots.show_digits(np.zeros((3, 28, 28), dtype=np.uint8), n=8)
+    assert len([ax for ax in raw.axes if ax.images]) == 3
+
+
+def test_show_digits_rejects_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        plots.show_digits(torch.zeros(3, 28))
+    with pytest.raises(ValueError, match="no images"):
+        plots.show_digits(torch.zeros(0, 28, 28))
+
+
+def test_label_histogram_counts_per_owner():
+    fig = plots.plot_label_histogram({"joe": [0, 0, 1], "jane": [9]})
+    ax = fig.axes[0]
+    heights = [p.get_height() for p in ax.patches]
+    assert len(heights) == 20
+    assert heights[:10] == [2, 1, 0, 0, 0, 0, 0, 0, 0, 0]
+    assert heights[19] == 1
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["joe", "jane"]
+    with pytest.raises(ValueError):
+        plots.plot_label_histogram({})
+
+
+def test_learning_curves_one_line_per_run():
+    fig = plots.plot_learning_curves({"federated": [0.9, 0.95], "centralized": [0.91, 0.96, 0.97]})
+    lines = fig.axes[0].get_lines()
+    assert [list(line.get_ydata()) for line in lines] == [[0.9, 0.95], [0.91, 0.96, 0.97]]
+    assert list(lines[1].get_xdata()) == [1, 2, 3]
+    with pytest.raises(ValueError):
+        plots.plot_learning_curves({})
