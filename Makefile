@@ -23,8 +23,12 @@ $(STAMP): requirements.txt
 	@touch $@
 	@echo "Environment ready in $(VENV)."
 
+# Extra options for JupyterLab, e.g. make lab LAB_ARGS="--no-browser --port 8890"
+LAB_ARGS ?=
+ROOT_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
+
 lab: $(STAMP)
-	$(BIN)/jupyter lab --notebook-dir=tutorials --MultiKernelManager.default_kernel_name=secure-ai
+	$(BIN)/jupyter lab --notebook-dir=tutorials --MultiKernelManager.default_kernel_name=secure-ai $(ROOT_ARGS) $(LAB_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
