@@ -43,6 +43,27 @@ def test_mnist_raw_is_compact_and_read_only(mnist):
     assert torch.equal(data.normalize(images[:5].copy()), mnist[0][0][:5])
 
 
+def test_direct_idx_reading_matches_torchvision(mnist):
+    images, labels = data.mnist_raw(False)
+    dataset = data.load_mnist(train=False, download=False)
+    assert np.array_equal(images, dataset.data.numpy()) and np.array_equal(labels, dataset.targets.numpy())
+    assert labels.dtype == np.int64
+
+
+def test_read_idx_handles_gzip_and_rejects_bad_files(tmp_path):
+    import gzip
+
+    body = bytes([0, 0, 8, 2, 0, 0, 0, 2, 0, 0, 0, 3, *range(6)])
+    (tmp_path / "a-idx2-ubyte.gz").write_bytes(gzip.compress(body))
+    assert data.read_idx(tmp_path / "a-idx2-ubyte.gz").tolist() == [[0, 1, 2], [3, 4, 5]]
+    (tmp_path / "short").write_bytes(body[:-1])
+    with pytest.raises(ValueError, match="truncated"):
+        data.read_idx(tmp_path / "short")
+    (tmp_path / "text").write_bytes(b"hello world")
+    with pytest.raises(ValueError, match="not an IDX file"):
+        data.read_idx(tmp_path / "text")
+
+
 def test_normalize_rejects_wrong_input():
     with pytest.raises(ValueError, match="uint8"):
         data.normalize(np.zeros((2, 28, 28), dtype=np.float32))

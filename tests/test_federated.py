@@ -116,3 +116,38 @@ def test_function_without_weights_and_counts_is_rejected(federation):
         owners[name].approve("returns_nothing_useful")
     with pytest.raises(ValueError, match="'weights' and 'n_samples'"):
         fl.fedavg_round(clients, "returns_nothing_useful", {"w": torch.zeros(1).numpy()})
+
+
+def test_extra_assets_reach_the_function_and_names_cannot_clash(federation):
+    owners, clients, _ = federation
+    owners["fjoe"].upload_dataset("extra", private={"secret": np.array([7])}, mock={"secret": np.array([0])})
+
+    def uses_secret(images, labels, secret, weights):
+        return {"n": len(labels), "product": int(secret[0]) * weights["k"]}
+
+    extra = {"secret": clients["fjoe"].datasets["extra"].assets["secret"]}
+    fl.request_training(clients["fjoe"], uses_secret, rounds=1, extra_assets=extra)
+    owners["fjoe"].approve("uses_secret")
+    result = fl.train_remotely(clients["fjoe"], "uses_secret", {"k": 3}, extra_assets=extra)
+    assert result == {"n": 300, "product": 21}
+    with pytest.raises(ValueError, match=r"cannot be named \['labels'\]"):
+        fl.request_training(clients["fjoe"], uses_secret, rounds=1, extra_assets={"labels": extra["secret"]})
+
+
+def test_run_rounds_steps_tests_and_times_every_round(mnist):
+    _, (test_x, test_y) = mnist
+    model = tr.MLP(hidden=8)
+    calls = []
+
+    def step(model, r):
+        calls.append(r)
+        torch.nn.init.zeros_(model.net[3].weight)
+        torch.nn.init.zeros_(model.net[3].bias)
+        model.net[3].bias.data[1] = 1.0  # always predicts "1"
+        return {"r": r} if r else model  # a dict goes on the progress bar, anything else is ignored
+
+    history, seconds = fl.run_rounds(model, 3, step, (test_x, test_y))
+    assert calls == [0, 1, 2] and len(seconds) == 3 and all(s >= 0 for s in seconds)
+    assert history == [pytest.approx((test_y == 1).float().mean().item())] * 3
+    with pytest.raises(ValueError, match="rounds must be a positive integer"):
+        fl.run_rounds(model, 0, step, (test_x, test_y))

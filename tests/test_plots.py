@@ -1,4 +1,6 @@
 """secure_ai.plots: each plot draws what it says and rejects empty input."""
+import warnings
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,11 @@ def test_show_digits_draws_a_titled_grid():
     assert fig._suptitle.get_text() == "digits"
     raw = plots.show_digits(np.zeros((3, 28, 28), dtype=np.uint8), n=8)
     assert len([ax for ax in raw.axes if ax.images]) == 3
+    frozen = np.zeros((2, 28, 28), dtype=np.uint8)
+    frozen.flags.writeable = False  # like data.mnist_raw's cached arrays
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on non-writable arrays
+        plots.show_digits(frozen)
 
 
 def test_show_digits_rejects_bad_input():
@@ -40,5 +47,8 @@ def test_learning_curves_one_line_per_run():
     lines = fig.axes[0].get_lines()
     assert [list(line.get_ydata()) for line in lines] == [[0.9, 0.95], [0.91, 0.96, 0.97]]
     assert list(lines[1].get_xdata()) == [1, 2, 3]
+    fig.canvas.draw()
+    ticks = [t for t in fig.axes[0].get_xticks() if 1 <= t <= 3]
+    assert ticks and all(float(t).is_integer() for t in ticks)  # no "round 1.5"
     with pytest.raises(ValueError):
         plots.plot_learning_curves({})

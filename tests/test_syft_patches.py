@@ -33,7 +33,11 @@ def test_patches_are_installed_in_syft():
 
     assert syft_object_module.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
     assert service_module.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
+    from syft.service.action.action_service import ActionService
+
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
+    fixed = syft_patches.has_read_permission_for_action_result
+    assert ActionService.has_read_permission_for_action_result is fixed
     syft_patches.apply()  # idempotent
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
 
@@ -55,3 +59,22 @@ def test_fixed_walk_still_reaches_nested_syft_objects():
     syft_patches.attach_attribute_to_syft_object([outer], {"syft_server_location": location})
     assert outer.syft_server_location == location
     assert inner.syft_server_location == location
+
+
+def test_result_of_two_inputs_is_readable_with_the_fix_only(monkeypatch):
+    """Fix 3: x + y on your own pointers; syft's original check refuses to let you read the result."""
+    import numpy as np
+    from secure_ai.pointers import enable_pointer_ops, fetch, send
+    from secure_ai.workers import DataOwner
+    from syft.service.action.action_service import ActionService
+
+    with DataOwner("patch-joe") as owner:
+        enable_pointer_ops(owner)
+        owner.add_data_scientist("ds@example.org", "pw")
+        ds = owner.login("ds@example.org", "pw")
+        x, y = send(np.array([1.0, 2.0]), ds), send(np.array([10.0, 20.0]), ds)
+        np.testing.assert_array_equal(fetch(x + y), [11.0, 22.0])
+        monkeypatch.setattr(ActionService, "has_read_permission_for_action_result",
+                            syft_patches._original_has_read_permission)
+        with pytest.raises(PermissionError):
+            fetch(x + y)

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 import torch
+from secure_ai import data
 from secure_ai import training as tr
 
 
@@ -87,6 +88,10 @@ def test_vector_round_trip_and_shape_error():
     tr.vector_to_model(tr.model_to_vector(a), b)
     assert torch.equal(tr.model_to_vector(a), tr.model_to_vector(b))
     tr.vector_to_model(tr.model_to_vector(a).numpy(), b)  # NumPy works too
+    vector = tr.model_to_vector(a)
+    tr.vector_to_model(vector, b)
+    vector.zero_()  # the model holds a copy, not a view of the vector
+    assert torch.equal(tr.model_to_vector(a), tr.model_to_vector(b))
     with pytest.raises(ValueError, match="parameters but the vector has shape"):
         tr.vector_to_model(torch.zeros(5), b)
 
@@ -137,3 +142,20 @@ def test_fedavg_of_weight_dicts_equals_fedavg_of_vectors():
 def test_fedavg_rejects_bad_input(updates, weights, message):
     with pytest.raises(ValueError, match=message):
         tr.fedavg(updates, weights)
+
+
+def test_raw_uint8_digits_train_and_evaluate_like_normalized_ones():
+    raw = torch.randint(0, 256, (96, 28, 28), dtype=torch.uint8)
+    y = torch.randint(0, 10, (96,))
+    normalized = data.normalize(raw)
+    for (xr, yr), (xn, yn) in zip(tr.batches(raw, y, 32, seed=3), tr.batches(normalized, y, 32, seed=3)):
+        assert xr.dtype == torch.float32 and torch.equal(xr, xn) and torch.equal(yr, yn)
+    model = tr.MLP(hidden=8)
+    assert tr.evaluate(model, raw, y) == tr.evaluate(model, normalized, y)
+    a, b = tr.MLP(hidden=8), tr.MLP(hidden=8)
+    b.load_state_dict(a.state_dict())
+    for m, x in ((a, raw), (b, normalized)):
+        tr.train_epoch(m, x, y, torch.optim.SGD(m.parameters(), lr=0.1), 32, seed=0, progress=False)
+    assert torch.equal(tr.model_to_vector(a), tr.model_to_vector(b))
+    with pytest.raises(ValueError, match="raw uint8 digits"):
+        tr.evaluate(model, raw.float(), y)  # float images must be normalized and (N, 1, 28, 28)

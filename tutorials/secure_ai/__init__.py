@@ -6,10 +6,15 @@ One concern per module:
 * :mod:`secure_ai.training` - models, local train/evaluate loops, FedAvg, weights <-> arrays
 * :mod:`secure_ai.plots` - digit grids, per-owner label histograms, learning curves
 * :mod:`secure_ai.workers` - data owners as PySyft 0.9.5 datasites (imports syft)
-* :mod:`secure_ai.federated` - FedAvg whose local updates run on the owners' datasites
-* :mod:`secure_ai.syft_patches` - the two syft 0.9.5 bugs we fix, in one place
+* :mod:`secure_ai.pointers` - pointers to a datasite's objects: send, compute remotely, fetch (Part 1)
+* :mod:`secure_ai.federated` - FedAvg whose local updates run on the owners' datasites (Part 2)
+* :mod:`secure_ai.privacy` - noise mechanisms, DP-SGD with Opacus, per-owner privacy ledgers (Part 3)
+* :mod:`secure_ai.secret_sharing` - additive secret sharing and pairwise masks for secure aggregation (Part 4)
+* :mod:`secure_ai.encryption` - CKKS homomorphic encryption of model updates with TenSEAL (Part 4)
+* :mod:`secure_ai.syft_patches` - the three syft 0.9.5 bugs we fix, in one place
 * :mod:`secure_ai.quiet` - hides syft's log noise
+* :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)
 
-Modules that import syft are not imported here, so ``import secure_ai`` stays fast.
+Modules that import syft, Opacus or TenSEAL are not imported here, so ``import secure_ai`` stays fast.
 """
 __all__ = ["data", "training", "plots"]

@@ -6,6 +6,7 @@ repository root). torchvision looks for ``<root>/MNIST/raw/`` and downloads ther
 from __future__ import annotations
 
 import functools
+import gzip
 import os
 from pathlib import Path
 
@@ -64,10 +65,35 @@ def normalize(images) -> torch.Tensor:
     return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
 
 
+def read_idx(path: str | Path) -> np.ndarray:
+    """One IDX file (MNIST's format, optionally ``.gz``) as a NumPy array, read directly from disk."""
+    path = Path(path)
+    with (gzip.open(path, "rb") if path.suffix == ".gz" else open(path, "rb")) as file:
+        raw = file.read()
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise ValueError(f"{path} is not an IDX file of unsigned bytes")
+    ndim = raw[3]
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise ValueError(f"{path} is truncated: header says {shape}, found {data.size} values")
+    return data.reshape(shape)
+
+
+def _find_raw(root: Path, name: str) -> Path | None:
+    folder = root / "MNIST" / "raw"
+    return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
+
+
 @functools.lru_cache(maxsize=4)
 def _cached_raw(train: bool, root: str) -> tuple[np.ndarray, np.ndarray]:
-    dataset = load_mnist(train=train, root=root)
-    images, labels = dataset.data.numpy(), dataset.targets.numpy()
+    prefix = "train" if train else "t10k"
+    paths = [_find_raw(Path(root), f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
+    if all(paths):  # fast path: no torchvision import (~165 MB less memory in every notebook)
+        images, labels = read_idx(paths[0]), read_idx(paths[1]).astype(np.int64)
+    else:  # torchvision downloads what is missing, or we say which files to put where
+        dataset = load_mnist(train=train, root=root)
+        images, labels = dataset.data.numpy(), dataset.targets.numpy()
     images.flags.writeable = labels.flags.writeable = False  # shared cache: nobody may change it
     return images, labels
 

@@ -15,6 +15,7 @@ round does a whole local epoch, the mock is small (syft also runs approved code 
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 
 import numpy as np
@@ -22,7 +23,8 @@ from tqdm.auto import tqdm
 
 from .data import mock_like
 from .quiet import quiet
-from .training import evaluate, fedavg, set_weights
+from .runtime import release_memory
+from .training import evaluate, fedavg, get_weights, set_weights
 from .workers import DataOwner, RemoteError, _clean, call, sy
 
 DATASET = "mnist"
@@ -47,24 +49,25 @@ def upload_mnist(owner: DataOwner, images: np.ndarray, labels: np.ndarray, mock_
     )
 
 
-def request_training(client, train_function: Callable, rounds: int):
+def request_training(client, train_function: Callable, rounds: int,
+                     extra_assets: Mapping[str, object] | None = None):
     """Data-scientist side: ask one datasite to run ``train_function`` for at most ``rounds`` rounds.
 
     ``train_function(images, labels, weights)`` runs on the owner's side and must return a dict (the
-    new weights and metrics). Returns the submitted syft function.
+    new weights and metrics). ``extra_assets`` maps further argument names to other assets of the same
+    datasite (say ``{"secret_key": asset}``); the function then takes those arguments too.
+    Returns the submitted syft function.
     """
     if not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     if DATASET not in [d.name for d in client.datasets]:
         raise ValueError(f"{client.name} has no dataset {DATASET!r}: upload it with upload_mnist first")
-    assets = client.datasets[DATASET].assets
+    inputs = _asset_kwargs(client, extra_assets)
     from syft.service.policy.policy import OutputPolicyExecuteCount
 
     with quiet():
         function = sy.syft_function(
-            input_policy=sy.MixedInputPolicy(
-                client=client, images=assets["images"], labels=assets["labels"], weights=dict
-            ),
+            input_policy=sy.MixedInputPolicy(client=client, **inputs, weights=dict),
             output_policy=OutputPolicyExecuteCount(limit=rounds),
         )(train_function)
         result = client.code.request_code_execution(function)
@@ -73,13 +76,26 @@ def request_training(client, train_function: Callable, rounds: int):
     return function
 
 
-def train_remotely(client, function_name: str, weights: Mapping[str, np.ndarray]) -> dict:
-    """One local update on one datasite: send ``weights``, run the approved function, get its dict back."""
+def _asset_kwargs(client, extra_assets: Mapping[str, object] | None) -> dict:
+    """The asset arguments of a training function: ``images``, ``labels`` and any ``extra_assets``."""
     assets = client.datasets[DATASET].assets
+    inputs = {"images": assets["images"], "labels": assets["labels"]}
+    clash = set(extra_assets or ()) & {"images", "labels", "weights"}
+    if clash:
+        raise ValueError(f"extra_assets cannot be named {sorted(clash)}: those arguments are taken")
+    return inputs | dict(extra_assets or {})
+
+
+def train_remotely(client, function_name: str, weights: Mapping[str, np.ndarray],
+                   extra_assets: Mapping[str, object] | None = None) -> dict:
+    """One local update on one datasite: send ``weights``, run the approved function, get its dict back.
+
+    Pass the same ``extra_assets`` as to :func:`request_training`.
+    """
     remote = getattr(client.code, function_name, None)
     if remote is None:
         raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_training")
-    return call(remote, images=assets["images"], labels=assets["labels"], weights=dict(weights))
+    return call(remote, **_asset_kwargs(client, extra_assets), weights=dict(weights))
 
 
 def fedavg_round(clients: Mapping[str, object], function_name: str, weights: Mapping[str, np.ndarray]):
@@ -97,19 +113,37 @@ def fedavg_round(clients: Mapping[str, object], function_name: str, weights: Map
     return averaged, results
 
 
+def run_rounds(model, rounds: int, step: Callable, test, desc: str = "FedAvg rounds",
+               progress: bool = True) -> tuple[list[float], list[float]]:
+    """The round loop every chapter shares: ``step(model, r)`` runs round ``r``, then ``model`` is tested.
+
+    ``step`` sends the global weights out, aggregates what comes back by any method (plain, DP, masked,
+    encrypted) and loads the result into ``model``; a dict it returns is shown on the progress bar.
+    Returns ``(test accuracy after each round, seconds each step took)``.
+    """
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    history, seconds = [], []
+    bar = tqdm(range(rounds), desc=desc, disable=not progress)
+    for r in bar:
+        tic = time.perf_counter()
+        shown = step(model, r)
+        seconds.append(time.perf_counter() - tic)
+        release_memory()  # what syft's serialization freed this round
+        history.append(evaluate(model, *test)[0])
+        bar.set_postfix(test_acc=f"{history[-1]:.4f}", **(shown if isinstance(shown, Mapping) else {}))
+    return history, seconds
+
+
 def run_fedavg(model, clients: Mapping[str, object], function_name: str, rounds: int, test,
                progress: bool = True) -> list[float]:
     """``rounds`` rounds of FedAvg starting from ``model``'s weights; returns test accuracy per round.
 
     ``model`` ends up holding the final global weights.
     """
-    from .training import get_weights
 
-    history = []
-    bar = tqdm(range(rounds), desc="FedAvg rounds", disable=not progress)
-    for _ in bar:
+    def step(model, r):
         averaged, _ = fedavg_round(clients, function_name, get_weights(model))
         set_weights(model, averaged)
-        history.append(evaluate(model, *test)[0])
-        bar.set_postfix(test_acc=f"{history[-1]:.4f}")
-    return history
+
+    return run_rounds(model, rounds, step, test, progress=progress)[0]

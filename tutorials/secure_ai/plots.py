@@ -6,13 +6,14 @@ from collections.abc import Mapping, Sequence
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+from matplotlib.ticker import MaxNLocator
 
 from .data import MNIST_MEAN, MNIST_STD
 
 
 def show_digits(images, labels=None, n: int = 32, cols: int = 8, title: str | None = None):
     """A grid of the first ``n`` digits (normalized or raw), each titled with its label."""
-    images = torch.as_tensor(images)
+    images = torch.as_tensor(np.array(images) if isinstance(images, np.ndarray) else images)  # read-only ok
     if images.ndim == 4:
         images = images[:, 0]
     if images.ndim != 3:
@@ -64,6 +65,7 @@ def plot_learning_curves(curves: Mapping[str, Sequence[float]], xlabel: str = "r
         values = list(values)
         ax.plot(range(1, len(values) + 1), values, marker="o", label=name)
     ax.set(xlabel=xlabel, ylabel=ylabel)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds and epochs are whole numbers
     ax.grid(alpha=0.3)
     ax.legend()
     ax.figure.tight_layout()

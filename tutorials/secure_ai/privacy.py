@@ -1,0 +1,528 @@
+"""Differential privacy: noisy counting queries, DP-SGD with Opacus, and one privacy ledger per data owner.
+
+* counting queries: :func:`laplace_mechanism`, :func:`gaussian_mechanism` (analytic calibration)
+* DP-SGD: :func:`make_private` wraps a model, an optimizer and tensors with Opacus and returns a
+  :class:`PrivateTraining` whose loop counts its steps and reports the accountant's epsilon
+* accounting: :func:`epsilon_spent` (epsilon of a list of runs), :class:`PrivacyLedger` (one per owner)
+* federated: :func:`dp_local_update` is an owner's DP training in one FedAvg round; :func:`run_dp_fedavg`
+  runs the rounds through syft and keeps each owner's ledger
+* plots: :func:`plot_noisy_answers`, :func:`plot_privacy_utility`
+
+Opacus is imported lazily and its warnings (secure RNG off, non-full backward hooks) are silenced here.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .runtime import release_memory
+from .training import _check_data, evaluate
+
+DELTA = 1e-5  # the delta of the published MNIST results; well below 1 / (60,000 training digits)
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@contextlib.contextmanager
+def _quiet_opacus() -> Iterator[None]:
+    """Hide Opacus's warnings (secure RNG off, backward hooks) inside the block; errors still propagate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="opacus")
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*backward hook.*")
+        yield
+
+
+# --- counting queries -----------------------------------------------------------------------------------
+def _check_privacy(epsilon: float, delta: float | None = None, sensitivity: float = 1.0) -> None:
+    if not (isinstance(epsilon, (int, float)) and math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a positive number, got {epsilon!r}")
+    if delta is not None and not 0 < delta < 1:
+        raise ValueError(f"delta must be between 0 and 1 (exclusive), got {delta!r}")
+    if not sensitivity > 0:
+        raise ValueError(f"sensitivity must be positive, got {sensitivity!r}")
+
+
+def _rng(seed) -> np.random.Generator:
+    return seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+
+
+def laplace_mechanism(true_answer: float, epsilon: float, sensitivity: float = 1.0, size=None, seed=None):
+    """``true_answer`` plus Laplace noise of scale ``sensitivity / epsilon``: epsilon-DP.
+
+    ``sensitivity`` is how much the answer can change when one person is added or removed (1 for a
+    count). ``size`` draws that many independent answers (to look at their distribution).
+    """
+    _check_privacy(epsilon, None, sensitivity)
+    return true_answer + _rng(seed).laplace(0.0, sensitivity / epsilon, size=size)
+
+
+def gaussian_noise_scale(epsilon: float, delta: float, sensitivity: float = 1.0) -> float:
+    """The smallest Gaussian standard deviation that makes a query (epsilon, delta)-DP.
+
+    Analytic calibration of Balle & Wang (2018): exact for every epsilon, unlike the textbook
+    ``sqrt(2 ln(1.25 / delta)) * sensitivity / epsilon``, which only holds for epsilon < 1.
+    """
+    _check_privacy(epsilon, delta, sensitivity)
+    from scipy.special import log_ndtr, ndtr
+
+    def delta_of(sigma: float) -> float:  # the delta that noise of this scale achieves (decreasing)
+        a, b = sensitivity / (2 * sigma), epsilon * sigma / sensitivity
+        return float(ndtr(a - b) - math.exp(epsilon + log_ndtr(-a - b)))
+
+    low, high = 1e-6 * sensitivity, sensitivity
+    while delta_of(high) > delta:
+        high *= 2
+    for _ in range(200):
+        middle = (low + high) / 2
+        low, high = (middle, high) if delta_of(middle) > delta else (low, middle)
+    return high
+
+
+def gaussian_mechanism(true_answer: float, epsilon: float, delta: float, sensitivity: float = 1.0,
+                       size=None, seed=None):
+    """``true_answer`` plus Gaussian noise calibrated by :func:`gaussian_noise_scale`: (epsilon, delta)-DP."""
+    sigma = gaussian_noise_scale(epsilon, delta, sensitivity)
+    return true_answer + _rng(seed).normal(0.0, sigma, size=size)
+
+
+# --- models ----------------------------------------------------------------------------------------------
+class TanhCNN(nn.Module):
+    """The tempered-sigmoid CNN of Papernot et al. (2021), 26k weights, for DP-SGD on MNIST.
+
+    conv 16@8x8 stride 2 -> tanh -> maxpool 2 (stride 1) -> conv 32@4x4 stride 2 -> tanh -> maxpool 2
+    (stride 1) -> fc 32 -> tanh -> fc 10. tanh keeps activations bounded, which suits clipped, noisy
+    gradients better than ReLU; there is no BatchNorm, so Opacus accepts it as it is.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(1, 16, 8, stride=2, padding=2), nn.Tanh(), nn.MaxPool2d(2, 1),  # 16 x 12 x 12
+            nn.Conv2d(16, 32, 4, stride=2), nn.Tanh(), nn.MaxPool2d(2, 1),            # 32 x 4 x 4
+            nn.Flatten(), nn.Linear(32 * 4 * 4, 32), nn.Tanh(), nn.Linear(32, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class IncompatibleModelError(ValueError):
+    """The model has layers DP-SGD cannot train (e.g. BatchNorm mixes the samples of a batch)."""
+
+
+def check_compatible(model: nn.Module) -> None:
+    """Raise :class:`IncompatibleModelError` naming the remedy when Opacus cannot train ``model``."""
+    from opacus.validators import ModuleValidator
+
+    with _quiet_opacus():
+        problems = ModuleValidator.validate(model, strict=False)
+    if problems:
+        listed = "\n".join(f"  - {problem}" for problem in problems)
+        raise IncompatibleModelError(
+            f"{type(model).__name__} cannot be trained with DP-SGD:\n{listed}\n"
+            "Fix: model = ModuleValidator.fix(model)  (from opacus.validators import ModuleValidator), "
+            "which swaps BatchNorm for GroupNorm; then create the optimizer for the fixed model."
+        )
+
+
+# --- accounting ------------------------------------------------------------------------------------------
+def _accountant(name: str):
+    from opacus.accountants import create_accountant
+
+    if name not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {name!r}")
+    return create_accountant(name)
+
+
+def _check_run(noise_multiplier: float, sample_rate: float, steps: int) -> None:
+    if not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
+    if not 0 < sample_rate <= 1:
+        raise ValueError(f"sample_rate must be in (0, 1], got {sample_rate!r}")
+    if not isinstance(steps, (int, np.integer)) or steps < 0:
+        raise ValueError(f"steps must be a non-negative integer, got {steps!r}")
+
+
+def poisson_sampling(n_samples: int, batch_size: int) -> tuple[float, int]:
+    """``(sample_rate, steps per epoch)`` that :func:`make_private` (Opacus) uses for this data size.
+
+    Each step includes every sample independently with probability ``sample_rate`` = 1 / (number of
+    batches of a plain loader), so a batch holds ``batch_size`` samples on average.
+    """
+    if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
+    if not isinstance(batch_size, (int, np.integer)) or not 1 <= batch_size <= n_samples:
+        raise ValueError(f"batch_size must be an integer in [1, {n_samples}], got {batch_size!r}")
+    sample_rate = 1 / math.ceil(n_samples / batch_size)
+    return sample_rate, int(1 / sample_rate)
+
+
+def epsilon_spent(runs: Sequence[tuple[float, float, int]], delta: float = DELTA,
+                  accountant: str = "prv") -> float:
+    """Epsilon of a sequence of DP-SGD runs, each ``(noise_multiplier, sample_rate, steps)``.
+
+    Computed from scratch by a fresh Opacus accountant, so it can check the epsilon a training loop
+    reports. No steps at all cost nothing: epsilon 0.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be between 0 and 1 (exclusive), got {delta!r}")
+    runs = [(float(s), float(q), int(n)) for s, q, n in runs]
+    for run in runs:
+        _check_run(*run)
+    merged: dict[tuple[float, float], int] = {}  # runs with the same noise and rate compose like one
+    for noise_multiplier, sample_rate, steps in runs:
+        merged[noise_multiplier, sample_rate] = merged.get((noise_multiplier, sample_rate), 0) + steps
+    history = [(s, q, n) for (s, q), n in merged.items() if n > 0]
+    if not history:
+        return 0.0
+    counter = _accountant(accountant)
+    counter.history = history
+    with _quiet_opacus():
+        return float(counter.get_epsilon(delta=delta))
+
+
+@dataclass
+class PrivacyLedger:
+    """One data owner's privacy accountant: every DP run on their data adds to their epsilon.
+
+    Epsilon composes: the more rounds an owner takes part in, the more it has spent. ``budget`` (optional)
+    is the most epsilon the owner accepts; ask :meth:`allows` before approving more runs. The ledger
+    records every run it is told about, within budget or not: spent privacy cannot be given back.
+    """
+
+    owner: str
+    delta: float = DELTA
+    budget: float | None = None
+    accountant: str = "prv"
+    runs: list[tuple[float, float, int]] = field(default_factory=list)
+    history: list[float] = field(default_factory=list)
+
+    def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, times: int = 1) -> float:
+        """The epsilon this owner would have spent after ``times`` more such runs (nothing is recorded)."""
+        _check_run(noise_multiplier, sample_rate, steps)
+        if not isinstance(times, int) or times < 0:
+            raise ValueError(f"times must be a non-negative integer, got {times!r}")
+        return epsilon_spent(self.runs + [(noise_multiplier, sample_rate, steps)] * times, self.delta,
+                             self.accountant)
+
+    def allows(self, noise_multiplier: float, sample_rate: float, steps: int, times: int = 1) -> bool:
+        """Whether ``times`` more such runs keep this owner within budget (always true without one)."""
+        epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps, times)
+        return self.budget is None or epsilon <= self.budget
+
+    def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
+        """Add one DP-SGD run on this owner's data; returns the owner's epsilon so far."""
+        epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
+        self.runs.append((float(noise_multiplier), float(sample_rate), int(steps)))
+        self.history.append(epsilon)
+        return epsilon
+
+    @property
+    def steps(self) -> int:
+        return sum(n for _, _, n in self.runs)
+
+    @property
+    def epsilon(self) -> float:
+        """Epsilon spent so far (at this ledger's delta)."""
+        return self.history[-1] if self.history else 0.0
+
+    @property
+    def within_budget(self) -> bool:
+        return self.budget is None or self.epsilon <= self.budget
+
+
+# --- DP-SGD ----------------------------------------------------------------------------------------------
+@dataclass
+class PrivateTraining:
+    """Everything a DP-SGD loop needs, made by :func:`make_private`.
+
+    ``model`` is Opacus's wrapper (it computes one gradient per sample); ``module`` is your own model
+    inside it. ``steps`` counts the optimizer steps actually taken, which is what epsilon depends on.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    engine: object
+    delta: float
+    accountant: str
+    criterion: nn.Module
+    steps: int = 0
+
+    @property
+    def module(self) -> nn.Module:
+        return self.model._module
+
+    @property
+    def noise_multiplier(self) -> float:
+        return float(self.optimizer.noise_multiplier)
+
+    @property
+    def max_grad_norm(self) -> float:
+        return float(self.optimizer.max_grad_norm)
+
+    @property
+    def sample_rate(self) -> float:
+        return float(self.loader.sample_rate)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return len(self.loader)
+
+    def epsilon(self) -> float:
+        """Epsilon spent so far, from the privacy engine's own accountant."""
+        with _quiet_opacus():
+            return float(self.engine.get_epsilon(self.delta)) if self.steps else 0.0
+
+    def train_epoch(self, progress: bool = True, desc: str = "DP-SGD", on_step=None) -> float:
+        """One pass of Poisson-sampled batches (clip each sample's gradient, add noise, step).
+
+        Returns the mean training loss; ``on_step(i)`` is called after the i-th step (1-based) of the epoch.
+        """
+        self.model.train()
+        total, count = 0.0, 0
+        with _quiet_opacus():
+            for i, (x, y) in enumerate(tqdm(self.loader, desc=desc, disable=not progress, leave=False), 1):
+                self.optimizer.zero_grad(set_to_none=True)
+                loss = self.criterion(self.model(x), y)
+                loss.backward()
+                self.optimizer.step()
+                self.steps += 1
+                total += loss.item() * len(y)
+                count += len(y)
+                if i % 10 == 0:
+                    release_memory()  # batch sizes vary every step: without this, memory keeps growing
+                if on_step is not None:
+                    on_step(i)
+        release_memory()
+        return total / max(count, 1)
+
+    def fit(self, test: tuple[torch.Tensor, torch.Tensor], epochs: int, evals_per_epoch: int = 1,
+            progress: bool = True) -> list[dict]:
+        """Train ``epochs`` DP epochs, evaluating on ``test`` ``evals_per_epoch`` times per epoch.
+
+        Returns one ``{"epoch", "steps", "epsilon", "accuracy"}`` per evaluation (``epoch`` may be 0.5).
+        """
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
+        if not isinstance(evals_per_epoch, int) or not 1 <= evals_per_epoch <= self.steps_per_epoch:
+            raise ValueError(
+                f"evals_per_epoch must be in [1, {self.steps_per_epoch}], got {evals_per_epoch!r}")
+        per_epoch = self.steps_per_epoch
+        checkpoints = {round(per_epoch * k / evals_per_epoch): k for k in range(1, evals_per_epoch + 1)}
+        history = []
+        bar = tqdm(range(epochs), desc=f"DP-SGD (sigma={self.noise_multiplier:.2f})", disable=not progress)
+
+        def record(epoch: int, step: int) -> None:
+            if step in checkpoints:
+                accuracy = evaluate(self.module, *test)[0]
+                self.model.train()
+                history.append({"epoch": epoch + checkpoints[step] / evals_per_epoch, "steps": self.steps,
+                                "epsilon": self.epsilon(), "accuracy": accuracy})
+                bar.set_postfix(test_acc=f"{accuracy:.4f}", epsilon=f"{history[-1]['epsilon']:.2f}")
+
+        for epoch in bar:
+            self.train_epoch(progress=progress, on_step=functools.partial(record, epoch))
+        return history
+
+
+def make_private(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    batch_size: int,
+    max_grad_norm: float,
+    noise_multiplier: float | None = None,
+    target_epsilon: float | None = None,
+    epochs: int | None = None,
+    delta: float = DELTA,
+    accountant: str = "prv",
+) -> PrivateTraining:
+    """Make ``model`` + ``optimizer`` train with DP-SGD on ``(images, labels)``, via Opacus.
+
+    Give either ``noise_multiplier`` (then epsilon grows as you train), or ``target_epsilon`` and
+    ``epochs`` (Opacus picks the smallest noise that stays within epsilon after that many epochs).
+    Batches are Poisson-sampled with rate ``batch_size / len(images)``, as the accountant assumes.
+    Raw uint8 digits (N, 28, 28) are normalized first.
+    """
+    _check_data(images, labels)
+    if images.dtype == torch.uint8:
+        from .data import normalize
+
+        images = normalize(images)
+    if (noise_multiplier is None) == (target_epsilon is None):
+        raise ValueError("give exactly one of noise_multiplier or target_epsilon (with epochs)")
+    if target_epsilon is not None:
+        _check_privacy(target_epsilon, delta)
+        if not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"target_epsilon needs epochs, a positive integer; got {epochs!r}")
+    elif not noise_multiplier > 0:
+        raise ValueError(f"noise_multiplier must be positive, got {noise_multiplier!r}")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be between 0 and 1 (exclusive), got {delta!r}")
+    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
+        raise ValueError(f"batch_size must be an integer in [1, {len(images)}], got {batch_size!r}")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm!r}")
+    if accountant not in ACCOUNTANTS:
+        raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    check_compatible(model)
+
+    from opacus import PrivacyEngine
+    from torch.utils.data import DataLoader, TensorDataset
+
+    loader = DataLoader(TensorDataset(images, labels), batch_size=batch_size)
+    criterion = nn.CrossEntropyLoss()
+    with _quiet_opacus():
+        engine = PrivacyEngine(accountant=accountant)
+        common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=max_grad_norm,
+                      criterion=criterion)
+        if target_epsilon is not None:
+            wrapped, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
+                **common, target_epsilon=target_epsilon, target_delta=delta, epochs=epochs)
+        else:
+            wrapped, dp_optimizer, dp_loader = engine.make_private(
+                **common, noise_multiplier=noise_multiplier)
+    return PrivateTraining(wrapped, dp_optimizer, dp_loader, engine, delta, accountant, criterion)
+
+
+# --- federated: the owner's side of one round ------------------------------------------------------------
+def dp_local_update(
+    images,
+    labels,
+    weights: Mapping[str, np.ndarray],
+    *,
+    noise_multiplier: float,
+    max_grad_norm: float,
+    batch_size: int,
+    lr: float,
+    momentum: float = 0.9,
+    epochs: int = 1,
+    delta: float = DELTA,
+) -> dict:
+    """One data owner's DP-SGD update of a FedAvg round, run on the owner's datasite.
+
+    ``images`` are the owner's raw uint8 digits (N, 28, 28), ``weights`` the global :class:`TanhCNN`
+    weights. Returns only what may leave the datasite: the DP-trained ``weights``, ``n_samples`` (for the
+    weighted average), and ``privacy`` = ``{"noise_multiplier", "sample_rate", "steps"}``, which is all
+    an owner's :class:`PrivacyLedger` needs; ``epsilon`` is this round's cost on its own.
+    ``batch_size`` is capped at N: syft also runs the function on the (small) mock after each real run.
+    """
+    from .data import normalize
+    from .training import get_weights, set_weights
+
+    images = normalize(np.array(images))  # a copy: syft may hand over read-only arrays
+    labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
+    model = set_weights(TanhCNN(), weights)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum)
+    private = make_private(model, optimizer, images, labels, batch_size=min(batch_size, len(labels)),
+                           max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier, delta=delta)
+    for _ in range(epochs):
+        private.train_epoch(progress=False)
+    return {
+        "weights": get_weights(model),
+        "n_samples": len(labels),
+        "privacy": {"noise_multiplier": private.noise_multiplier, "sample_rate": private.sample_rate,
+                    "steps": private.steps},
+        "epsilon": private.epsilon(),
+    }
+
+
+def run_dp_fedavg(model: nn.Module, clients: Mapping[str, object], function_name: str, rounds: int,
+                  test, ledgers: Mapping[str, PrivacyLedger], progress: bool = True):
+    """FedAvg rounds whose local updates are DP (the owners run :func:`dp_local_update`).
+
+    After each round, every owner's ledger records the privacy cost its datasite reported. Returns
+    ``(test accuracy per round, {owner: what its datasite returned in the last round})``; ``model`` ends
+    up with the final global weights.
+    """
+    from .federated import fedavg_round, run_rounds
+    from .training import get_weights, set_weights
+
+    if set(ledgers) != set(clients):
+        raise ValueError(f"need one ledger per owner: owners {sorted(clients)}, ledgers {sorted(ledgers)}")
+    last = {}
+
+    def step(model, r):
+        averaged, results = fedavg_round(clients, function_name, get_weights(model))
+        for name, result in results.items():
+            if "privacy" not in result:
+                raise ValueError(f"{name}'s function must return its 'privacy' cost (see dp_local_update)")
+            ledgers[name].record(**result["privacy"])
+        set_weights(model, averaged)
+        last.update(results)
+        return {f"eps_{name}": f"{ledger.epsilon:.2f}" for name, ledger in ledgers.items()}
+
+    history, _ = run_rounds(model, rounds, step, test, desc="DP FedAvg rounds", progress=progress)
+    return history, last
+
+
+# --- plots -----------------------------------------------------------------------------------------------
+def plot_noisy_answers(answers: Mapping[str, Sequence[float]], bins: int = 60, ax=None):
+    """Overlaid histograms of a mechanism's answers, e.g. on two datasets that differ in one person."""
+    import matplotlib.pyplot as plt
+
+    if not answers:
+        raise ValueError("answers is empty: pass {dataset name: noisy answers}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in answers.values()])
+    edges = np.linspace(values.min(), values.max(), bins + 1)
+    for name, a in answers.items():
+        ax.hist(np.asarray(a, dtype=float).ravel(), bins=edges, alpha=0.5, label=name)
+    ax.set(xlabel="noisy answer", ylabel="how often")
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+_EPSILON_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 3, 5, 8, 10, 20, 50)
+
+
+def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], baseline: float | None = None,
+                         anchors: Mapping[str, tuple[float, float]] | None = None, log_epsilon: bool = True,
+                         ax=None):
+    """Test accuracy against epsilon: one line of ``(epsilon, accuracy)`` points per run.
+
+    ``baseline`` draws the non-private model's accuracy as a horizontal line; ``anchors`` marks
+    published results ``{label: (epsilon, accuracy)}``. Epsilon is on a log scale unless ``log_epsilon``
+    is false.
+    """
+    import matplotlib.pyplot as plt
+
+    if not curves:
+        raise ValueError("curves is empty: pass {run name: [(epsilon, accuracy), ...]}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    epsilons = []
+    for name, points in curves.items():
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+        ax.plot(points[:, 0], points[:, 1], marker="o", label=name)
+        epsilons.extend(points[:, 0])
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linestyle="--", label=f"non-private ({baseline:.1%})")
+    for label, (epsilon, accuracy) in (anchors or {}).items():
+        ax.plot([epsilon], [accuracy], marker="*", markersize=12, linestyle="none", label=label)
+        epsilons.append(epsilon)
+    ax.set(xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy")
+    if log_epsilon:
+        ax.set_xscale("log")
+        low, high = min(epsilons), max(epsilons)
+        ticks = [t for t in _EPSILON_TICKS if low / 1.5 <= t <= high * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.figure.tight_layout()
+    return ax.figure
