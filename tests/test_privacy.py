@@ -172,6 +172,28 @@ def test_each_sample_gradient_is_clipped():
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_large_batches_are_computed_in_slices_with_the_same_result(monkeypatch):
+    """Slicing a batch (BatchMemoryManager) saves memory: same steps, same epsilon, same weights."""
+    images, labels = small_data(512)
+    results = []
+    for physical in (16, 10_000):
+        monkeypatch.setattr(dp, "PHYSICAL_BATCH", physical)
+        tr.set_seed(0)
+        model = dp.TanhCNN()
+        private = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), images, labels,
+                                  batch_size=128, max_grad_norm=1.0, noise_multiplier=1e-6, accountant="rdp")
+        seen = []
+        private.train_epoch(progress=False, on_step=seen.append)
+        results.append((tr.model_to_vector(model), private.steps, private.epsilon()))
+        assert seen == list(range(1, private.steps_per_epoch + 1))
+    (sliced, steps_a, eps_a), (whole, steps_b, eps_b) = results
+    assert steps_a == steps_b == 4 and eps_a == eps_b
+    tr.set_seed(0)
+    start = tr.model_to_vector(dp.TanhCNN())
+    assert torch.allclose(sliced, whole, atol=1e-5) and not torch.allclose(sliced, start, atol=1e-3)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
 def test_make_private_normalizes_raw_uint8_digits():
     raw = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (64,))

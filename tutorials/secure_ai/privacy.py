@@ -115,6 +115,9 @@ class TanhCNN(nn.Module):
         return self.net(x)
 
 
+PHYSICAL_BATCH = 256  # DP-SGD computes a batch in slices of at most this many samples (memory, not math)
+
+
 class IncompatibleModelError(ValueError):
     """The model has layers DP-SGD cannot train (e.g. BatchNorm mixes the samples of a batch)."""
 
@@ -286,23 +289,31 @@ class PrivateTraining:
     def train_epoch(self, progress: bool = True, desc: str = "DP-SGD", on_step=None) -> float:
         """One pass of Poisson-sampled batches (clip each sample's gradient, add noise, step).
 
+        Batches larger than :data:`PHYSICAL_BATCH` are computed in slices of that size (Opacus's
+        ``BatchMemoryManager``): the same step and the same privacy, in a fraction of the memory.
         Returns the mean training loss; ``on_step(i)`` is called after the i-th step (1-based) of the epoch.
         """
+        from opacus.utils.batch_memory_manager import BatchMemoryManager
+
         self.model.train()
-        total, count = 0.0, 0
-        with _quiet_opacus():
-            for i, (x, y) in enumerate(tqdm(self.loader, desc=desc, disable=not progress, leave=False), 1):
+        total, count, step = 0.0, 0, 0
+        manager = BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=PHYSICAL_BATCH,
+                                     optimizer=self.optimizer)
+        with _quiet_opacus(), manager as slices:
+            for i, (x, y) in enumerate(tqdm(slices, desc=desc, disable=not progress, leave=False), 1):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.criterion(self.model(x), y)
                 loss.backward()
-                self.optimizer.step()
-                self.steps += 1
+                self.optimizer.step()  # a real step only after the last slice of a batch
                 total += loss.item() * len(y)
                 count += len(y)
                 if i % 10 == 0:
                     release_memory()  # batch sizes vary every step: without this, memory keeps growing
-                if on_step is not None:
-                    on_step(i)
+                if not self.optimizer._is_last_step_skipped:
+                    self.steps += 1
+                    step += 1
+                    if on_step is not None:
+                        on_step(step)
         release_memory()
         return total / max(count, 1)
 
