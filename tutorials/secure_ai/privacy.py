@@ -300,7 +300,9 @@ class PrivateTraining:
         manager = BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=PHYSICAL_BATCH,
                                      optimizer=self.optimizer)
         with _quiet_opacus(), manager as slices:
-            for i, (x, y) in enumerate(tqdm(slices, desc=desc, disable=not progress, leave=False), 1):
+            # mininterval: a few updates a second at most, so that a long run does not flood Jupyter
+            bar = tqdm(slices, desc=desc, disable=not progress, leave=False, mininterval=1.0)
+            for i, (x, y) in enumerate(bar, 1):
                 self.optimizer.zero_grad(set_to_none=True)
                 loss = self.criterion(self.model(x), y)
                 loss.backward()

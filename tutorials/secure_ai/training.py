@@ -105,7 +105,7 @@ def train_epoch(
     total, count = 0.0, 0
     n_batches = -(-len(images) // batch_size)
     for x, y in tqdm(batches(images, labels, batch_size, True, seed), total=n_batches, desc=desc,
-                     disable=not progress, leave=False):
+                     disable=not progress, leave=False, mininterval=0.5):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
         loss.backward()
