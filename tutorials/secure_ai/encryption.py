@@ -1,19 +1,34 @@
-"""Homomorphic encryption of model updates with TenSEAL's CKKS scheme.
+"""Homomorphic encryption of model updates with TenSEAL's CKKS scheme, and a key holder that checks sums.
 
 CKKS encrypts a vector of real numbers approximately; anyone holding only the *public* context can add
 ciphertexts, and only the holder of the secret key can decrypt. One ciphertext holds ``poly_modulus_degree
 / 2`` numbers (4096 with our parameters), so a model update becomes a list of ciphertexts
-(:class:`EncryptedVector`). Who holds what:
+(:class:`EncryptedVector`).
 
-* the key holder calls :func:`make_context` (secret key inside) and hands out :func:`public_context`;
-* owners :func:`encrypt` their flat updates with the public context and send ``to_bytes()``;
-* the aggregator loads them with :meth:`EncryptedVector.from_bytes` and adds them, with no secret key;
-* the key holder decrypts only the sum (:meth:`EncryptedVector.decrypt`).
+Parameters: ``N = 8192`` with a 200-bit coefficient modulus ``(60, 40, 40, 60)`` is within the 128-bit
+classical security bound of the Homomorphic Encryption Standard (N = 8192 allows up to 218 bits). The 40-bit
+middle primes match the 2**40 scale, so one multiplication by a plaintext can be rescaled; the 60-bit
+primes hold the integer part and the decryption headroom. The public context carries only the public
+encryption key (no relinearization or Galois keys), so whoever holds it can add ciphertexts and multiply
+them by plaintexts, but not multiply two ciphertexts or rotate slots.
+
+Who holds what: the :class:`KeyHolder` makes the keys and hands out the public context (its bytes, whose
+SHA-256 each owner fixes at setup); owners encrypt ``[n*w, n]`` and authenticate the ciphertext with a MAC
+key they share with the key holder (:func:`authenticate`); the aggregator relays and may add them; the
+key holder verifies every tag, requires at least ``min_owners`` distinct owners of the current round, adds
+the ciphertexts itself, decrypts once per round, and floods the result with Gaussian noise before it goes
+back (Li and Micciancio 2021: exact CKKS decryptions returned to a party that holds the ciphertexts can
+leak the secret key).
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
+import json
+import os
+import secrets
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import tenseal as ts
@@ -22,6 +37,7 @@ POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 SCALE_BITS = 40
 _MAGIC = b"SAIckks1"
+FLOOD_SIGMA = 2.0**-4  # noise flooding, in the units of the decrypted sum (see KeyHolder)
 
 
 def make_context(poly_modulus_degree: int = POLY_MODULUS_DEGREE,
@@ -147,3 +163,85 @@ def decrypt_weighted_average(total: EncryptedVector, secret_context: ts.Context)
     if n_total < 1 or abs(values[-1] - n_total) > 1e-3:
         raise ValueError(f"the decrypted sample count is {values[-1]}: not a sum of encrypt_weighted vectors")
     return values[:-1] / n_total, n_total
+
+
+# --- owners' checks and the key holder ------------------------------------------------------------------
+def check_public_context(data, expected_sha256: str | None) -> ts.Context:
+    """Owner side: load the context the aggregator relayed, refusing one with a secret key or of another maker.
+
+    ``expected_sha256`` is the digest of the key holder's public context, fixed by the owner at setup.
+    """
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"the CKKS context must arrive as bytes, got {type(data).__name__}")
+    context = context_from_bytes(bytes(data))
+    if context.has_secret_key():
+        raise ValueError("this CKKS context holds a secret key: whoever made it could decrypt this update")
+    if expected_sha256 is None or hashlib.sha256(bytes(data)).hexdigest() != expected_sha256:
+        raise ValueError("this is not the key holder's public context (its SHA-256 differs from the one "
+                         "fixed at setup): whoever made it may hold the secret key")
+    return context
+
+
+def authenticate(mac_key: bytes, run_id: str, round_number: int, owner: str, ciphertext: bytes) -> bytes:
+    """HMAC-SHA256 of a ciphertext, bound to the run, the round and the owner who encrypted it."""
+    message = json.dumps([run_id, int(round_number), owner, hashlib.sha256(bytes(ciphertext)).hexdigest()])
+    return hmac.new(bytes(mac_key), message.encode(), hashlib.sha256).digest()
+
+
+class KeyHolder:
+    """The CKKS key holder: decrypts only flooded sums of authenticated updates, once per round.
+
+    Trust: the owners trust it not to collude with the aggregator (it could decrypt any ciphertext it is
+    given) and to run these checks. ``mac_key(owner)`` goes to each owner privately at setup.
+    """
+
+    def __init__(self, run_id: str, owners: Sequence[str], min_owners: int = 2,
+                 flood_sigma: float = FLOOD_SIGMA):
+        if not 2 <= min_owners <= len(set(owners)):
+            raise ValueError(f"min_owners must be between 2 and the {len(set(owners))} owners, got {min_owners}")
+        if not 0 <= flood_sigma < 0.05:
+            raise ValueError(f"flood_sigma must be in [0, 0.05) so that sample counts still round, got {flood_sigma}")
+        self.run_id, self.min_owners, self.flood_sigma = run_id, int(min_owners), float(flood_sigma)
+        self.context = make_context()
+        self.public_context_bytes = context_to_bytes(self.context)
+        self._mac_keys = {name: os.urandom(32) for name in owners}
+        self.last_round = -1
+        self._rng = np.random.default_rng(secrets.randbits(128))
+
+    def mac_key(self, owner: str) -> bytes:
+        """Key-holder side, at setup: the MAC key for ``owner`` (sent to it over a private channel)."""
+        return self._mac_keys[owner]
+
+    def decrypt_average(self, round_number: int, submissions: Mapping[str, Mapping]) -> tuple[np.ndarray, int]:
+        """``(FedAvg average, total samples)`` from ``{owner: {"encrypted": bytes, "tag": bytes}}``.
+
+        Raises ``ValueError`` (and decrypts nothing) for an old round, an unknown owner, a bad tag, or fewer
+        than ``min_owners`` owners.
+        """
+        if isinstance(round_number, bool) or not isinstance(round_number, (int, np.integer)):
+            raise ValueError(f"round_number must be an integer, got {round_number!r}")
+        if round_number <= self.last_round:
+            raise ValueError(f"round {round_number} was not after round {self.last_round}, already decrypted: "
+                             "the key holder decrypts once per round")
+        unknown = set(submissions) - set(self._mac_keys)
+        if unknown:
+            raise ValueError(f"ciphertexts from unknown owners {sorted(unknown)}")
+        if len(submissions) < self.min_owners:
+            raise ValueError(f"{len(submissions)} owner(s) submitted, fewer than {self.min_owners}: a sum of "
+                             "fewer owners would reveal an individual update")
+        for owner, item in submissions.items():
+            tag = authenticate(self._mac_keys[owner], self.run_id, round_number, owner, item["encrypted"])
+            if not hmac.compare_digest(tag, bytes(item["tag"])):
+                raise ValueError(f"the ciphertext said to be {owner}'s for round {round_number} fails its MAC: "
+                                 "not encrypted by that owner for this round")
+        self.last_round = int(round_number)
+        total = aggregate([EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
+                           for item in submissions.values()])
+        values = total.decrypt(self.context)
+        values = values + self._rng.normal(0, self.flood_sigma, values.size)   # noise flooding
+        if values.size < 2:
+            raise ValueError(f"expected an encrypted [n*w, n] vector, got {values.size} numbers")
+        n_total = int(round(values[-1]))
+        if n_total < 1:
+            raise ValueError(f"the decrypted sample count is {values[-1]:.3f}: not a sum of [n*w, n] vectors")
+        return values[:-1] / n_total, n_total

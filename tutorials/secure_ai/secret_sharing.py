@@ -1,16 +1,17 @@
-"""Additive secret sharing and pairwise masking over the ring of 64-bit integers, from first principles.
+"""Additive secret sharing, Shamir sharing and pairwise masking over the ring of 64-bit integers.
 
 * Fixed point: a float ``x`` becomes the integer ``round(x * 2**fraction_bits)`` modulo ``2**64`` (negative
   numbers wrap around, as in two's complement). NumPy's ``uint64`` arithmetic wraps by itself, so adding
   encoded numbers in the ring adds the floats.
 * Additive secret sharing: ``n`` random ring elements that add up to the secret. Any ``n - 1`` of them are
-  uniformly random and tell nothing about it; adding shares party by party adds the secrets.
-* Pairwise masking (Bonawitz et al., CCS 2017, "Practical Secure Aggregation for Privacy-Preserving Machine
-  Learning"): every pair of owners agrees on a seed by Diffie-Hellman, expands it into a mask, and one of
-  them adds the mask while the other subtracts it. Each owner sends a single masked vector that looks
-  random; the masks cancel in the sum. When an owner drops out, the survivors reveal the seeds they share
-  with it so that the aggregator can remove its uncancelled masks (:func:`recovery_seeds`,
-  :func:`unmask_sum`).
+  uniformly random and tell nothing about it, whatever the attacker's computing power
+  (information-theoretic); adding shares party by party adds the secrets.
+* Pairwise masking (Bonawitz et al., CCS 2017): every pair of owners agrees on a secret by Diffie-Hellman and
+  derives from it one seed *per run and round* (:func:`round_seed`); one owner adds the seed's expansion, the
+  other subtracts it. A masked vector is *pseudorandom* (indistinguishable from uniform only for an attacker
+  who cannot break Diffie-Hellman or the SHAKE-256 expansion: a computational guarantee). When an owner drops
+  out, survivors reveal this round's seeds with it (:func:`recovery_seeds`): earlier and later rounds' seeds
+  stay secret. The full protocol, with self masks and the owners' checks, is in :mod:`secure_ai.secagg`.
 
 Shares and masks come from the operating system's CSPRNG (``os.urandom``) and SHAKE-256; pass a seeded
 ``numpy`` generator to :func:`share` only for reproducible demonstrations and tests.
@@ -199,18 +200,29 @@ def public_key_of(secret_key) -> bytes:
 
 
 def shared_seed(my_secret_key, their_public_key) -> bytes:
-    """The 32-byte seed two owners agree on: both get the same value, an eavesdropper cannot."""
+    """The long-term 32-byte secret two owners agree on. Never revealed: only :func:`round_seed` of it is."""
     value = pow(_public_int(their_public_key), _secret_int(my_secret_key), MODP_PRIME)
     return hashlib.sha256(b"secure-ai pairwise mask seed" + value.to_bytes(_KEY_BYTES, "big")).digest()
 
 
-def expand_seed(seed: bytes, round_number: int, size: int) -> np.ndarray:
-    """A pseudorandom mask of ``size`` ring elements from ``seed`` (SHAKE-256), fresh for every round."""
-    if len(seed) != 32:
-        raise ValueError(f"a pairwise seed has 32 bytes, got {len(seed)}")
+def round_seed(pair_secret: bytes, run_id: str, round_number: int, purpose: str = "mask") -> bytes:
+    """A 32-byte seed for one ``purpose``, run and round, derived from a pair's long-term secret (SHA-256).
+
+    Knowing the seeds of some rounds tells nothing about another round's seed (SHA-256 as a PRF).
+    """
+    if len(pair_secret) != 32:
+        raise ValueError(f"a pairwise secret has 32 bytes, got {len(pair_secret)}")
     if not isinstance(round_number, (int, np.integer)) or round_number < 0:
         raise ValueError(f"round_number must be a non-negative integer, got {round_number!r}")
-    stream = hashlib.shake_256(bytes(seed) + int(round_number).to_bytes(8, "big")).digest(8 * int(size))
+    label = f"secure-ai {purpose}|{run_id}|{int(round_number)}".encode()
+    return hashlib.sha256(len(label).to_bytes(4, "big") + label + bytes(pair_secret)).digest()
+
+
+def expand_seed(seed: bytes, size: int) -> np.ndarray:
+    """A pseudorandom mask of ``size`` ring elements from a 32-byte ``seed`` (SHAKE-256)."""
+    if len(seed) != 32:
+        raise ValueError(f"a mask seed has 32 bytes, got {len(seed)}")
+    stream = hashlib.shake_256(bytes(seed)).digest(8 * int(size))
     return np.frombuffer(stream, dtype="<u8").astype(np.uint64)
 
 
@@ -219,20 +231,32 @@ def _sign(me: str, peer: str) -> int:
     return 1 if me < peer else -1
 
 
+def check_roster(public_keys: Mapping[str, bytes]) -> None:
+    """Refuse a roster with fewer than 2 owners, a malformed key, or one key listed under two names."""
+    if len(public_keys) < 2:
+        raise ValueError("pairwise masking needs at least 2 owners")
+    raw = {name: _raw_bytes(key) for name, key in public_keys.items()}
+    for key in raw.values():
+        _public_int(key)
+    if len(set(raw.values())) != len(raw):
+        twice = sorted(name for name, key in raw.items() if list(raw.values()).count(key) > 1)
+        raise ValueError(f"one public key is listed under several names {twice}: each owner needs its own key")
+
+
 def _check_me(me: str, secret_key, public_keys: Mapping[str, bytes]) -> None:
     # A secret key that does not match public_keys[me] is not an error here: syft also runs approved code on
     # the mocks, with a mock key. Its masks then cancel with nothing, which decode_weighted_average reports.
     if me not in public_keys:
         raise ValueError(f"{me!r} is not among the owners {sorted(public_keys)}")
-    if len(public_keys) < 2:
-        raise ValueError("pairwise masking needs at least 2 owners")
+    check_roster(public_keys)
     _secret_int(secret_key)
 
 
-def mask(encoded, me: str, secret_key, public_keys: Mapping[str, bytes], round_number: int) -> np.ndarray:
-    """Owner side: ``encoded + sum of ±mask(me, peer)`` over every other owner. Looks uniformly random.
+def mask(encoded, me: str, secret_key, public_keys: Mapping[str, bytes], round_number: int,
+         run_id: str = "") -> np.ndarray:
+    """Owner side: ``encoded + sum of ±PRG(round seed of (me, peer))`` over every other owner.
 
-    ``public_keys`` maps every owner's name (``me`` included) to its public key, relayed by the aggregator.
+    ``public_keys`` maps every owner's name (``me`` included) to its public key.
     """
     encoded = _as_ring(encoded, "mask")
     _check_me(me, secret_key, public_keys)
@@ -240,7 +264,7 @@ def mask(encoded, me: str, secret_key, public_keys: Mapping[str, bytes], round_n
     for peer, public in sorted(public_keys.items()):
         if peer == me:
             continue
-        pad = expand_seed(shared_seed(secret_key, public), round_number, masked.size)
+        pad = expand_seed(round_seed(shared_seed(secret_key, public), run_id, round_number), masked.size)
         if _sign(me, peer) > 0:
             masked += pad
         else:
@@ -249,13 +273,19 @@ def mask(encoded, me: str, secret_key, public_keys: Mapping[str, bytes], round_n
 
 
 def recovery_seeds(me: str, secret_key, public_keys: Mapping[str, bytes], dropped: Sequence[str],
-                   survivors: Sequence[str], min_survivors: int = 2) -> dict[str, bytes]:
-    """Survivor side: the seeds ``me`` shares with the ``dropped`` owners, so that their masks can be removed.
+                   survivors: Sequence[str], round_number: int, run_id: str = "",
+                   min_survivors: int = 2) -> dict[str, bytes]:
+    """Survivor side: *this round's* seeds that ``me`` shares with the ``dropped`` owners.
 
-    Refuses when fewer than ``min_survivors`` owners survive (with one survivor, removing the masks would
-    reveal that owner's own update) and when ``me`` is itself counted as dropped.
+    Refuses ``min_survivors < 2``, fewer survivors than ``min_survivors`` (removing the masks would reveal a
+    lone survivor's update), duplicate names or keys, and ``me`` counted as dropped. The long-term secret
+    stays with ``me``: the seeds of other rounds cannot be computed from what is revealed.
     """
+    if not isinstance(min_survivors, (int, np.integer)) or min_survivors < 2:
+        raise ValueError(f"min_survivors must be an integer >= 2, got {min_survivors!r}")
     _check_me(me, secret_key, public_keys)
+    if len(set(dropped)) != len(dropped) or len(set(survivors)) != len(survivors):
+        raise ValueError("an owner is listed twice among the survivors or the dropped")
     dropped, survivors = set(dropped), set(survivors)
     unknown = (dropped | survivors) - set(public_keys)
     if unknown:
@@ -269,15 +299,16 @@ def recovery_seeds(me: str, secret_key, public_keys: Mapping[str, bytes], droppe
             f"only {len(survivors)} owner(s) survive, fewer than {min_survivors}: revealing the seeds would "
             "expose a single owner's update"
         )
-    return {peer: shared_seed(secret_key, public_keys[peer]) for peer in sorted(dropped)}
+    return {peer: round_seed(shared_seed(secret_key, public_keys[peer]), run_id, round_number)
+            for peer in sorted(dropped)}
 
 
-def unmask_sum(masked: Mapping[str, np.ndarray], owners: Sequence[str], round_number: int,
+def unmask_sum(masked: Mapping[str, np.ndarray], owners: Sequence[str],
                recovery: Mapping[str, Mapping[str, bytes]] | None = None) -> np.ndarray:
-    """Aggregator side: the sum of the received masked vectors with every mask removed.
+    """Aggregator side: the sum of the received masked vectors with every pairwise mask removed.
 
     ``owners`` are all owners that agreed on masks this round; ``masked`` holds the vectors that arrived.
-    When some owners dropped out, ``recovery`` must give, for every survivor, the seeds from
+    When some owners dropped out, ``recovery`` must give, for every survivor, this round's seeds from
     :func:`recovery_seeds`. The result is the sum of the survivors' encoded updates, nothing more.
     """
     if not masked:
@@ -306,7 +337,7 @@ def unmask_sum(masked: Mapping[str, np.ndarray], owners: Sequence[str], round_nu
                 f"with each of them (recovery_seeds); got seeds for {sorted(seeds)}"
             )
         for peer, seed in seeds.items():
-            pad = expand_seed(seed, round_number, flat.size)
+            pad = expand_seed(seed, flat.size)
             if _sign(survivor, peer) > 0:  # the survivor added this pad: take it away
                 flat -= pad
             else:
