@@ -1,8 +1,13 @@
-"""secure_ai.encryption: CKKS contexts, chunked encryption, ciphertext sums, and who can decrypt."""
+"""secure_ai.encryption: CKKS contexts, chunked encryption, ciphertext sums, who can decrypt, and a key
+holder played against a cheating aggregator."""
 import numpy as np
 import pytest
 import torch
 from secure_ai import encryption as he
+from secure_ai import secagg
+from secure_ai import secret_sharing as ss
+
+BOUND = he.FRESH_ERROR_BOUND  # per slot and ciphertext, whatever the magnitude (CKKS error is absolute)
 
 
 def relative_error(approx, exact) -> float:
@@ -34,13 +39,13 @@ def test_encrypt_decrypt_round_trip(key_holder, public, length):
     assert len(encrypted.chunks) == -(-length // 4096) and encrypted.length == length
     decrypted = encrypted.decrypt(key_holder)
     assert decrypted.shape == (length,)
-    assert relative_error(decrypted, values) <= 1e-4
+    assert np.abs(decrypted - values).max() <= BOUND
     assert np.abs(decrypted - values).max() > 0  # CKKS is approximate: never bit-exact
 
 
 def test_large_magnitudes(key_holder, public):
     values = np.random.default_rng(1).uniform(-2e4, 2e4, 5000)
-    assert relative_error(he.encrypt(public, values).decrypt(key_holder), values) <= 1e-4
+    assert np.abs(he.encrypt(public, values).decrypt(key_holder) - values).max() <= BOUND
 
 
 def test_aggregator_adds_serialized_ciphertexts_without_the_secret_key(key_holder, public):
@@ -53,7 +58,7 @@ def test_aggregator_adds_serialized_ciphertexts_without_the_secret_key(key_holde
         total.decrypt(aggregator_context)
     result = he.EncryptedVector.from_bytes(key_holder, total.to_bytes()).decrypt(key_holder)
     exact = sum(u.double() for u in updates).numpy()
-    assert relative_error(result, exact) <= 1e-4
+    assert np.abs(result - exact).max() <= 3 * BOUND   # errors add up
 
 
 def test_another_secret_key_decrypts_garbage(key_holder, public):
@@ -98,7 +103,9 @@ def test_weighted_encryption_gives_fedavg(key_holder, public):
     total = he.aggregate([he.encrypt_weighted(public, v, n) for v, n in zip(vectors, counts)])
     average, n_total = he.decrypt_weighted_average(total, key_holder)
     assert n_total == sum(counts)
-    assert relative_error(average, fedavg(vectors, counts).numpy()) <= 1e-4
+    exact = np.average(np.array(vectors, np.float64), axis=0, weights=counts)
+    assert np.abs(average - exact).max() <= 3 * BOUND / n_total
+    assert np.abs(average - fedavg(vectors, counts).numpy()).max() <= 3 * BOUND / n_total + 2.0**-24
 
 
 def test_weighted_encryption_errors(key_holder, public):
@@ -110,3 +117,108 @@ def test_weighted_encryption_errors(key_holder, public):
         he.decrypt_weighted_average(he.encrypt(public, np.array([0.5, 0.25, 2.5])), key_holder)
     with pytest.raises(ValueError, match="2 numbers|got 1 numbers"):
         he.decrypt_weighted_average(he.encrypt(public, np.array([3.0])), key_holder)
+
+
+def test_parameters_are_those_the_chapter_states(key_holder, public):
+    """128-bit security per the HE Standard needs N = 8192 with at most 218 coefficient bits; ours: 200."""
+    assert he.POLY_MODULUS_DEGREE == 8192 and sum(he.COEFF_MOD_BIT_SIZES) == 200 <= 218
+    assert he.COEFF_MOD_BIT_SIZES[1:-1] == (he.SCALE_BITS, he.SCALE_BITS)
+    restored = he.context_from_bytes(he.context_to_bytes(key_holder))
+    assert not restored.has_secret_key() and not restored.has_relin_keys() and not restored.has_galois_keys()
+    a, b = he.encrypt(public, np.ones(4)), he.encrypt(public, np.full(4, 2.0))
+    with pytest.raises(ValueError):   # two ciphertexts cannot be multiplied: no relinearization key
+        a.chunks[0] * b.chunks[0]
+
+
+# --- owners' checks and the key holder, against a cheating aggregator ------------------------------------
+OWNERS = ("jane", "jill", "joe")
+
+
+@pytest.fixture(scope="module")
+def holder():
+    return he.KeyHolder("run-test", OWNERS)
+
+
+def owner_configs(holder, tmp_path):
+    keys = {name: ss.generate_keypair() for name in OWNERS}
+    roster = {name: public for name, (_, public) in keys.items()}
+    return {name: secagg.make_config("run-test", name, roster, tmp_path / f"{name}.json",
+                                     ckks_public_context=holder.public_context_bytes,
+                                     ckks_mac_key=holder.mac_key(name)).to_asset() for name in OWNERS}
+
+
+def test_owners_refuse_a_context_with_a_secret_key_or_of_another_maker(holder, tmp_path):
+    configs = owner_configs(holder, tmp_path)
+    own = he.make_context()    # the aggregator's own keys
+    with_secret = own.serialize(save_secret_key=True)
+    for context, reason in [(with_secret, "holds a secret key"),
+                            (he.context_to_bytes(own), "not the key holder's public context"),
+                            ("not bytes", "must arrive as bytes")]:
+        answer = secagg.owner_encrypt(np.zeros(3), 5, configs["joe"], {"round": 0, "context": context})
+        assert reason in answer["refused"]
+    answer = secagg.owner_encrypt(np.zeros(3), 5, configs["joe"],
+                                  {"round": 0, "context": holder.public_context_bytes})
+    assert set(answer) == {"encrypted", "tag"}
+
+
+def encrypted_round(holder, configs, r, vectors, counts):
+    request = {"round": r, "context": holder.public_context_bytes}
+    encrypt = lambda name: secagg.owner_encrypt(vectors[name], counts[name], configs[name], request)
+    return {name: secagg.unwrap(name, encrypt(name)) for name in vectors}
+
+
+def test_key_holder_decrypts_an_authenticated_sum_once_per_round(tmp_path):
+    holder = he.KeyHolder("run-test", OWNERS, flood_sigma=0)
+    configs = owner_configs(holder, tmp_path)
+    rng = np.random.default_rng(5)
+    vectors = {name: rng.normal(0, 0.1, 5000) for name in OWNERS}
+    counts = {"jane": 100, "jill": 300, "joe": 600}
+    submitted = encrypted_round(holder, configs, 0, vectors, counts)
+    average, n_total = holder.decrypt_average(0, submitted)
+    exact = sum(counts[n] * vectors[n] for n in OWNERS) / 1000
+    assert n_total == 1000 and np.abs(average - exact).max() <= 3 * BOUND / n_total
+    with pytest.raises(ValueError, match="once per round"):      # the same round again
+        holder.decrypt_average(0, {n: submitted[n] for n in ("jane", "joe")})
+    with pytest.raises(ValueError, match="fails its MAC"):       # round-0 ciphertexts replayed as round 1
+        holder.decrypt_average(1, {n: submitted[n] for n in ("jane", "joe")})
+
+
+def test_key_holder_refuses_what_is_not_a_sum_of_owners(holder, tmp_path):
+    configs = owner_configs(holder, tmp_path)
+    vectors = {name: np.full(10, 0.5) for name in OWNERS}
+    submitted = encrypted_round(holder, configs, 3, vectors, dict.fromkeys(OWNERS, 10))
+    with pytest.raises(ValueError, match="fewer than 2"):                  # joe's update alone
+        holder.decrypt_average(3, {"joe": submitted["joe"]})
+    public = he.context_from_bytes(holder.public_context_bytes)
+    fake = he.encrypt_weighted(public, np.zeros(10), 1).to_bytes()         # the aggregator's own ciphertext
+    for tag in (submitted["jane"]["tag"], b"\0" * 32):
+        with pytest.raises(ValueError, match="jane's for round 3 fails its MAC"):
+            holder.decrypt_average(3, {"joe": submitted["joe"], "jane": {"encrypted": fake, "tag": tag}})
+    swapped = {"joe": submitted["joe"], "jane": submitted["jill"]}           # jill's ciphertext as jane's
+    with pytest.raises(ValueError, match="fails its MAC"):
+        holder.decrypt_average(3, swapped)
+    with pytest.raises(ValueError, match="unknown owners"):
+        holder.decrypt_average(3, {"joe": submitted["joe"], "mallory": submitted["jane"]})
+    assert holder.last_round < 3   # nothing was decrypted
+    average, n_total = holder.decrypt_average(3, submitted)
+    assert n_total == 30
+
+
+def test_decrypted_sums_are_flooded_with_the_stated_noise(tmp_path):
+    """Li-Micciancio mitigation: the decryption's own error (std ~1.5e-9) is drowned in N(0, FLOOD_SIGMA)."""
+    holder = he.KeyHolder("run-test", OWNERS)
+    configs = owner_configs(holder, tmp_path)
+    vectors = {name: np.zeros(8000) for name in OWNERS}
+    average, n_total = holder.decrypt_average(0, encrypted_round(holder, configs, 0, vectors,
+                                                                 dict.fromkeys(OWNERS, 1)))
+    assert n_total == 3
+    noise = average * n_total
+    assert 0.95 * he.FLOOD_SIGMA < noise.std() < 1.05 * he.FLOOD_SIGMA   # 8000 samples: std within ~1.6%
+    assert abs(noise.mean()) < 5 * he.FLOOD_SIGMA / np.sqrt(noise.size)
+
+
+def test_key_holder_arguments():
+    with pytest.raises(ValueError, match="min_owners"):
+        he.KeyHolder("r", OWNERS, min_owners=1)
+    with pytest.raises(ValueError, match="flood_sigma"):
+        he.KeyHolder("r", OWNERS, flood_sigma=0.5)

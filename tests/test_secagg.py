@@ -56,7 +56,8 @@ def call_owner(owners, updates):
 
 
 def mask_all(owners, updates, r, names=OWNERS):
-    return {n: secagg.unwrap(n, secagg.owner_mask(updates[n], *owners[n], {"round": r}))["masked"] for n in names}
+    answers = {n: secagg.owner_mask(updates[n], *owners[n], {"round": r}) for n in names}
+    return {n: secagg.unwrap(n, answer)["masked"] for n, answer in answers.items()}
 
 
 def confirm_and_unmask(owners, r, survivors):
@@ -160,14 +161,16 @@ def test_the_aggregator_cannot_supply_keys_or_names(owners, updates, keys, roste
 
 def test_invented_or_repeated_names_and_too_few_survivors_are_refused(owners, updates):
     mask_all(owners, updates, 0)
-    for survivors, reason in [(["joe", "mallory"], "unknown owners"), (["joe", "joe", "jane"], "listed twice"),
-                              (["joe"], "fewer than the threshold"), (["jane", "jill"], "not among")]:
+    for survivors, reason in [(["joe", "mallory"], "unknown owners"), (["joe", "joe", "jane"], "twice"),
+                              (["joe"], "fewer than the threshold"), (["jane", "jill"], "not among"),
+                              ("joe", "must be a list")]:
         assert reason in refusal(secagg.owner_confirm(*owners["joe"], {"round": 0, "survivors": survivors}))
 
 
 def test_a_secret_key_that_is_not_the_rosters_is_refused(owners, updates, keys):
     _, config = owners["joe"]
-    assert "does not match" in refusal(secagg.owner_mask(updates["joe"], keys["jane"][0], config, {"round": 0}))
+    answer = secagg.owner_mask(updates["joe"], keys["jane"][0], config, {"round": 0})
+    assert "does not match" in refusal(answer)
 
 
 def test_a_replayed_round_is_refused(owners, updates):
@@ -178,10 +181,12 @@ def test_a_replayed_round_is_refused(owners, updates):
 
 def test_the_ledger_survives_an_owner_restart(owners, updates, keys, roster, tmp_path):
     mask_all(owners, updates, 7)
-    reloaded = secagg.make_config(RUN, "joe", roster, tmp_path / "joe.json").to_asset()  # new process, same file
-    assert "already masked" in refusal(secagg.owner_mask(updates["joe"], keys["joe"][0], reloaded, {"round": 7}))
+    reloaded = secagg.make_config(RUN, "joe", roster, tmp_path / "joe.json").to_asset()  # a new process
+    answer = secagg.owner_mask(updates["joe"], keys["joe"][0], reloaded, {"round": 7})
+    assert "already masked" in refusal(answer)
     other_run = secagg.make_config("other-run", "joe", roster, tmp_path / "joe.json").to_asset()
-    assert "belongs to run" in refusal(secagg.owner_mask(updates["joe"], keys["joe"][0], other_run, {"round": 8}))
+    answer = secagg.owner_mask(updates["joe"], keys["joe"][0], other_run, {"round": 8})
+    assert "belongs to run" in refusal(answer)
 
 
 def test_each_owner_confirms_and_unmasks_once_per_round(owners, updates):

@@ -1,4 +1,7 @@
-"""secure_ai.secret_sharing: fixed point, additive shares, pairwise masks and dropout recovery."""
+"""secure_ai.secret_sharing: fixed point, additive shares, per-round pairwise masks and dropout recovery.
+
+The full protocol (self masks, owner-side checks, cheating aggregator) is tested in test_secagg.py.
+"""
 import numpy as np
 import pytest
 import torch
@@ -178,7 +181,7 @@ def test_masks_cancel_in_the_sum_and_hide_each_update(keys, public_keys):
     rng = np.random.default_rng(6)
     updates = {name: ss.encode(rng.normal(0, 0.1, 20_000)) for name in OWNERS}
     masked = {name: ss.mask(updates[name], name, keys[name][0], public_keys, 1) for name in OWNERS}
-    np.testing.assert_array_equal(ss.unmask_sum(masked, OWNERS, 1), sum(updates.values()))
+    np.testing.assert_array_equal(ss.unmask_sum(masked, OWNERS), sum(updates.values()))
     for name in OWNERS:
         assert uniform_p_value(masked[name]) > 1e-6  # the plain update is far from uniform:
         assert uniform_p_value(updates[name]) < 1e-6
@@ -189,20 +192,23 @@ def test_masks_are_fresh_every_round(keys, public_keys):
     zero = ss.encode(np.zeros(1000))
     first, second = (ss.mask(zero, "joe", keys["joe"][0], public_keys, r) for r in (0, 1))
     assert np.mean(first == second) < 0.001
+    other_run = ss.mask(zero, "joe", keys["joe"][0], public_keys, 0, run_id="another-run")
+    assert np.mean(first == other_run) < 0.001
 
 
 def test_dropped_owner_is_recovered_from_the_survivors_seeds(keys, public_keys):
     rng = np.random.default_rng(7)
     updates = {name: ss.encode(rng.normal(0, 0.1, 5000)) for name in OWNERS}
-    masked = {name: ss.mask(updates[name], name, keys[name][0], public_keys, 3) for name in OWNERS}
+    masked = {name: ss.mask(updates[name], name, keys[name][0], public_keys, 3, "r") for name in OWNERS}
     survivors = {name: masked[name] for name in ("joe", "jane")}  # jill dropped after the key agreement
     with pytest.raises(ValueError, match="dropped out"):
-        ss.unmask_sum(survivors, OWNERS, 3)
+        ss.unmask_sum(survivors, OWNERS)
     recovery = {
-        name: ss.recovery_seeds(name, keys[name][0], public_keys, dropped=["jill"], survivors=list(survivors))
+        name: ss.recovery_seeds(name, keys[name][0], public_keys, dropped=["jill"], survivors=list(survivors),
+                                round_number=3, run_id="r")
         for name in survivors
     }
-    total = ss.unmask_sum(survivors, OWNERS, 3, recovery)
+    total = ss.unmask_sum(survivors, OWNERS, recovery)
     np.testing.assert_array_equal(total, updates["joe"] + updates["jane"])
     # Without the recovery, the survivors' sum is still noise:
     partial = survivors["joe"] + survivors["jane"]
@@ -212,13 +218,27 @@ def test_dropped_owner_is_recovered_from_the_survivors_seeds(keys, public_keys):
 def test_recovery_refuses_what_would_expose_one_owner(keys, public_keys):
     sk = keys["joe"][0]
     with pytest.raises(ValueError, match="only 1 owner"):
-        ss.recovery_seeds("joe", sk, public_keys, dropped=["jane", "jill"], survivors=["joe"])
+        ss.recovery_seeds("joe", sk, public_keys, dropped=["jane", "jill"], survivors=["joe"], round_number=0)
+    for weak in (1, 0, -1, 1.5):
+        with pytest.raises(ValueError, match="min_survivors must be an integer >= 2"):
+            ss.recovery_seeds("joe", sk, public_keys, ["jane", "jill"], ["joe"], 0, min_survivors=weak)
     with pytest.raises(ValueError, match="reveals no seeds"):
-        ss.recovery_seeds("joe", sk, public_keys, dropped=["joe"], survivors=["jane", "jill"])
+        ss.recovery_seeds("joe", sk, public_keys, dropped=["joe"], survivors=["jane", "jill"], round_number=0)
     with pytest.raises(ValueError, match="either a survivor or dropped"):
-        ss.recovery_seeds("joe", sk, public_keys, dropped=["jill"], survivors=["joe"])
+        ss.recovery_seeds("joe", sk, public_keys, dropped=["jill"], survivors=["joe"], round_number=0)
     with pytest.raises(ValueError, match="unknown owners"):
-        ss.recovery_seeds("joe", sk, public_keys, dropped=["bob"], survivors=["joe", "jane", "jill"])
+        ss.recovery_seeds("joe", sk, public_keys, ["bob"], ["joe", "jane", "jill"], round_number=0)
+    with pytest.raises(ValueError, match="listed twice"):
+        ss.recovery_seeds("joe", sk, public_keys, ["jill"], ["joe", "joe", "jane"], round_number=0)
+
+
+def test_duplicate_public_keys_are_refused(keys, public_keys):
+    """The aggregator lists jill's real key a second time under an invented name: refused, not masked."""
+    forged = dict(public_keys) | {"mallory": public_keys["jill"]}
+    with pytest.raises(ValueError, match="several names"):
+        ss.mask(ss.encode(np.zeros(4)), "joe", keys["joe"][0], forged, 0)
+    with pytest.raises(ValueError, match="several names"):
+        ss.recovery_seeds("joe", keys["joe"][0], forged, ["mallory"], ["joe", "jane", "jill"], 0)
 
 
 def test_masking_input_errors(keys, public_keys):
@@ -232,13 +252,15 @@ def test_masking_input_errors(keys, public_keys):
     with pytest.raises(ValueError, match="32 bytes"):
         ss.mask(zero, "joe", b"short", public_keys, 0)
     with pytest.raises(ValueError, match="round_number"):
-        ss.expand_seed(b"x" * 32, -1, 10)
+        ss.round_seed(b"x" * 32, "run", -1)
+    with pytest.raises(ValueError, match="32 bytes"):
+        ss.expand_seed(b"x" * 31, 10)
     with pytest.raises(ValueError, match="different shapes"):
-        ss.unmask_sum({"joe": zero, "jane": ss.encode(np.zeros(3))}, OWNERS, 0)
+        ss.unmask_sum({"joe": zero, "jane": ss.encode(np.zeros(3))}, OWNERS)
     with pytest.raises(ValueError, match="unknown owners"):
-        ss.unmask_sum({"bob": zero}, OWNERS, 0)
+        ss.unmask_sum({"bob": zero}, OWNERS)
     with pytest.raises(ValueError, match="no masked updates"):
-        ss.unmask_sum({}, OWNERS, 0)
+        ss.unmask_sum({}, OWNERS)
 
 
 def test_secret_keys_as_uint8_arrays_work(keys, public_keys):
@@ -259,9 +281,13 @@ def test_weighted_encoding_gives_fedavg(keys, public_keys):
         name: ss.mask(ss.encode_weighted(v, n), name, keys[name][0], public_keys, 9)
         for name, v, n in zip(OWNERS, vectors, counts)
     }
-    average, n_total = ss.decode_weighted_average(ss.unmask_sum(masked, OWNERS, 9))
+    average, n_total = ss.decode_weighted_average(ss.unmask_sum(masked, OWNERS))
     assert n_total == sum(counts)
-    assert np.abs(average - fedavg(vectors, counts).numpy()).max() <= 1e-6
+    # Fixed point: each n*w is off by at most half a step (2**-25), so the average by at most 3 * 2**-25 / n;
+    # fedavg itself returns float32, rounded to within 2**-24 * |w| (|w| < 1)
+    bound = len(OWNERS) * 2.0 ** -(ss.FRACTION_BITS + 1) / sum(counts) + 1e-15
+    assert np.abs(average - np.average(np.array(vectors, np.float64), axis=0, weights=counts)).max() <= bound
+    assert np.abs(average - fedavg(vectors, counts).numpy()).max() <= bound + 2.0**-24
 
 
 def test_a_wrong_secret_key_is_caught_when_decoding(keys, public_keys):
@@ -270,7 +296,7 @@ def test_a_wrong_secret_key_is_caught_when_decoding(keys, public_keys):
     masked = {name: ss.mask(update, name, keys[name][0], public_keys, 2) for name in OWNERS}
     masked["joe"] = ss.mask(update, "joe", keys["jane"][0], public_keys, 2)
     with pytest.raises(ValueError, match="masks did not cancel"):
-        ss.decode_weighted_average(ss.unmask_sum(masked, OWNERS, 2))
+        ss.decode_weighted_average(ss.unmask_sum(masked, OWNERS))
 
 
 def test_weighted_encoding_errors(keys, public_keys):

@@ -37,7 +37,11 @@ POLY_MODULUS_DEGREE = 8192
 COEFF_MOD_BIT_SIZES = (60, 40, 40, 60)
 SCALE_BITS = 40
 _MAGIC = b"SAIckks1"
-FLOOD_SIGMA = 2.0**-4  # noise flooding, in the units of the decrypted sum (see KeyHolder)
+# A high-probability bound on one fresh ciphertext's error per slot: the dominant term 8*sqrt(2)*sigma*N of
+# Cheon et al. (2017)'s bound for error sigma = 3.2, over the scale (2.7e-7; measured: at most ~6e-9)
+FRESH_ERROR_BOUND = 8 * 2**0.5 * 3.2 * POLY_MODULUS_DEGREE / 2.0**SCALE_BITS
+# Noise flooding of decrypted sums (in their units): about 2**25 times the measured error's spread (1.5e-9)
+FLOOD_SIGMA = 2.0**-4
 
 
 def make_context(poly_modulus_degree: int = POLY_MODULUS_DEGREE,
@@ -167,7 +171,7 @@ def decrypt_weighted_average(total: EncryptedVector, secret_context: ts.Context)
 
 # --- owners' checks and the key holder ------------------------------------------------------------------
 def check_public_context(data, expected_sha256: str | None) -> ts.Context:
-    """Owner side: load the context the aggregator relayed, refusing one with a secret key or of another maker.
+    """Owner side: load the relayed context; refuse one that holds a secret key or is not the key holder's.
 
     ``expected_sha256`` is the digest of the key holder's public context, fixed by the owner at setup.
     """
@@ -198,9 +202,9 @@ class KeyHolder:
     def __init__(self, run_id: str, owners: Sequence[str], min_owners: int = 2,
                  flood_sigma: float = FLOOD_SIGMA):
         if not 2 <= min_owners <= len(set(owners)):
-            raise ValueError(f"min_owners must be between 2 and the {len(set(owners))} owners, got {min_owners}")
-        if not 0 <= flood_sigma < 0.05:
-            raise ValueError(f"flood_sigma must be in [0, 0.05) so that sample counts still round, got {flood_sigma}")
+            raise ValueError(f"min_owners must be from 2 to the {len(set(owners))} owners, got {min_owners}")
+        if not 0 <= flood_sigma <= 2**-4:  # the count rounds right unless the noise exceeds 8 sigma (1e-15)
+            raise ValueError(f"flood_sigma must be in [0, 1/16] so counts round right, got {flood_sigma}")
         self.run_id, self.min_owners, self.flood_sigma = run_id, int(min_owners), float(flood_sigma)
         self.context = make_context()
         self.public_context_bytes = context_to_bytes(self.context)
@@ -212,7 +216,8 @@ class KeyHolder:
         """Key-holder side, at setup: the MAC key for ``owner`` (sent to it over a private channel)."""
         return self._mac_keys[owner]
 
-    def decrypt_average(self, round_number: int, submissions: Mapping[str, Mapping]) -> tuple[np.ndarray, int]:
+    def decrypt_average(self, round_number: int,
+                        submissions: Mapping[str, Mapping]) -> tuple[np.ndarray, int]:
         """``(FedAvg average, total samples)`` from ``{owner: {"encrypted": bytes, "tag": bytes}}``.
 
         Raises ``ValueError`` (and decrypts nothing) for an old round, an unknown owner, a bad tag, or fewer
@@ -221,7 +226,7 @@ class KeyHolder:
         if isinstance(round_number, bool) or not isinstance(round_number, (int, np.integer)):
             raise ValueError(f"round_number must be an integer, got {round_number!r}")
         if round_number <= self.last_round:
-            raise ValueError(f"round {round_number} was not after round {self.last_round}, already decrypted: "
+            raise ValueError(f"round {round_number} is not after round {self.last_round}, already decrypted: "
                              "the key holder decrypts once per round")
         unknown = set(submissions) - set(self._mac_keys)
         if unknown:
@@ -232,8 +237,8 @@ class KeyHolder:
         for owner, item in submissions.items():
             tag = authenticate(self._mac_keys[owner], self.run_id, round_number, owner, item["encrypted"])
             if not hmac.compare_digest(tag, bytes(item["tag"])):
-                raise ValueError(f"the ciphertext said to be {owner}'s for round {round_number} fails its MAC: "
-                                 "not encrypted by that owner for this round")
+                raise ValueError(f"the ciphertext said to be {owner}'s for round {round_number} fails its "
+                                 "MAC: not encrypted by that owner for this round")
         self.last_round = int(round_number)
         total = aggregate([EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
                            for item in submissions.values()])

@@ -157,7 +157,8 @@ class Ledger:
             return {"run_id": self.run_id, "masked": -1, "confirmed": None, "unmasked": -1}
         state = json.loads(self.path.read_text())
         if state.get("run_id") != self.run_id:
-            raise Refused(f"the ledger {self.path} belongs to run {state.get('run_id')!r}, not {self.run_id!r}")
+            raise Refused(f"the ledger {self.path} belongs to run {state.get('run_id')!r}, "
+                          f"not {self.run_id!r}")
         return state
 
     def update(self, change: Callable[[dict], None]) -> None:
@@ -202,7 +203,8 @@ def _survivors(config: OwnerConfig, request: Mapping) -> list[str]:
         raise Refused(f"an owner is listed twice among the survivors {list(survivors)}")
     unknown = set(survivors) - set(config.roster)
     if unknown:
-        raise Refused(f"unknown owners {sorted(unknown)}: the roster fixed at setup is {sorted(config.roster)}")
+        raise Refused(f"unknown owners {sorted(unknown)}: the roster fixed at setup is "
+                      f"{sorted(config.roster)}")
     if config.me not in survivors:
         raise Refused(f"{config.me} is not among the survivors: an owner counted as dropped reveals nothing")
     if len(survivors) < config.threshold:
@@ -241,8 +243,8 @@ def owner_mask(update, secret_key, config, request: Mapping) -> dict:
 
     def claim(state):
         if r <= state["masked"]:
-            raise Refused(f"round {r} is not after round {state['masked']}, which {config.me} already masked: "
-                          "a repeated round would reuse masks")
+            raise Refused(f"round {r} is not after round {state['masked']}, which {config.me} already "
+                          "masked: a repeated round would reuse masks")
         state["masked"] = r
 
     Ledger(config.ledger, config.run_id).update(claim)
@@ -276,7 +278,7 @@ def owner_confirm(secret_key, config, request: Mapping) -> dict:
 def owner_unmask(secret_key, config, request: Mapping) -> dict:
     """Owner side, step 3: ``{"self_seed", "pair_seeds"}`` once every other survivor confirmed the same set.
 
-    ``request["tags"]`` maps each other survivor to the tag it made for this owner (from :func:`owner_confirm`).
+    ``request["tags"]`` maps each other survivor to the tag it made for this owner (:func:`owner_confirm`).
     """
     config = load_config(config)
     _check_key(secret_key, config)
@@ -287,13 +289,17 @@ def owner_unmask(secret_key, config, request: Mapping) -> dict:
     for peer in survivors:
         if peer == config.me:
             continue
-        expected = _confirmation(_pair_key(secret_key, config, peer, "confirm", r, peer), config, r, survivors)
-        if not isinstance(tags.get(peer), (bytes, bytearray)) or not hmac.compare_digest(expected, tags[peer]):
-            raise Refused(f"no valid confirmation from {peer} that the survivors of round {r} are {survivors}")
+        key = _pair_key(secret_key, config, peer, "confirm", r, peer)
+        tag = tags.get(peer)
+        if not isinstance(tag, (bytes, bytearray)) or not hmac.compare_digest(
+                _confirmation(key, config, r, survivors), bytes(tag)):
+            raise Refused(f"no valid confirmation from {peer} that the survivors of round {r} are "
+                          f"{survivors}")
 
     def claim(state):
         if state["confirmed"] != [r, survivors]:
-            raise Refused(f"{config.me} confirmed {state['confirmed']}, not round {r} with survivors {survivors}")
+            raise Refused(f"{config.me} confirmed {state['confirmed']}, not round {r} with survivors "
+                          f"{survivors}")
         if state["unmasked"] >= r:
             raise Refused(f"{config.me} already answered the unmasking request of round {r}")
         state["unmasked"] = r
@@ -309,7 +315,7 @@ def owner_unmask(secret_key, config, request: Mapping) -> dict:
 
 @_owner_side
 def owner_encrypt(vector, n_samples: int, config, request: Mapping) -> dict:
-    """Owner side, CKKS: ``{"encrypted", "tag"}`` for ``[n*w, n]``, only under the key holder's public context."""
+    """Owner side, CKKS: ``{"encrypted", "tag"}`` for ``[n*w, n]``, under the key holder's context only."""
     from . import encryption as he
 
     config = load_config(config)
@@ -330,7 +336,8 @@ def unwrap(owner: str, answer) -> dict:
     return dict(answer)
 
 
-def unmask(masked: Mapping[str, np.ndarray], answers: Mapping[str, Mapping], roster: Sequence[str]) -> np.ndarray:
+def unmask(masked: Mapping[str, np.ndarray], answers: Mapping[str, Mapping],
+           roster: Sequence[str]) -> np.ndarray:
     """Aggregator side: the survivors' sum from their masked vectors and their unmasking answers."""
     if set(answers) != set(masked):
         raise ValueError(f"every survivor must answer the unmasking request: masked vectors from "

@@ -240,7 +240,7 @@ def check_roster(public_keys: Mapping[str, bytes]) -> None:
         _public_int(key)
     if len(set(raw.values())) != len(raw):
         twice = sorted(name for name, key in raw.items() if list(raw.values()).count(key) > 1)
-        raise ValueError(f"one public key is listed under several names {twice}: each owner needs its own key")
+        raise ValueError(f"one public key is listed under several names {twice}: each owner needs its own")
 
 
 def _check_me(me: str, secret_key, public_keys: Mapping[str, bytes]) -> None:
