@@ -139,6 +139,15 @@ def setup_owner(owner, config: OwnerConfig, secret_key, dataset: str = "secagg")
         description=f"{config.me}'s secure-aggregation key and run config ({config.run_id})")
 
 
+def ledger_path(owner, run_id: str) -> Path:
+    """Owner side: where its ledger lives, inside its datasite's folder (removed when it shuts down)."""
+    from syft.server.utils import get_named_server_uid
+
+    from .workers import TEMP_ROOT
+
+    return TEMP_ROOT / str(get_named_server_uid(owner.name)) / f"secagg-ledger-{run_id}.json"
+
+
 def assets(client, dataset: str = "secagg") -> dict:
     """Data-scientist side: the ``extra_assets`` for the approved functions (``secret_key``, ``config``)."""
     found = client.datasets[dataset].assets
@@ -352,17 +361,20 @@ def unmask(masked: Mapping[str, np.ndarray], answers: Mapping[str, Mapping],
 def secure_round(call: Callable[[str, str, dict], dict], roster: Sequence[str], round_number: int,
                  payload: Mapping, survivors: Sequence[str] | None = None,
                  functions: tuple[str, str, str] = ("train_and_mask", "confirm_survivors", "reveal_masks"),
-                 log: list | None = None) -> np.ndarray:
+                 log: list | None = None, masked: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
     """Aggregator side, one honest round: mask, confirm, unmask; returns the survivors' encoded sum.
 
     ``call(owner, function_name, request)`` runs an owner's approved function (through syft);
-    ``survivors`` (default: all) are the owners whose masked vectors the round uses. Everything received
-    is appended to ``log``.
+    ``survivors`` (default: all) are the owners whose masked vectors the round uses; ``masked`` gives
+    vectors already received this round (then step 1 is skipped). Everything received is appended to ``log``.
     """
     survivors = sorted(survivors or roster)
     mask_fn, confirm_fn, unmask_fn = functions
     received = lambda name, fn, request: _logged(log, name, fn, unwrap(name, call(name, fn, request)))
-    masked = {n: received(n, mask_fn, dict(payload) | {"round": round_number})["masked"] for n in survivors}
+    if masked is None:
+        request = dict(payload) | {"round": round_number}
+        masked = {n: received(n, mask_fn, request)["masked"] for n in survivors}
+    masked = {n: masked[n] for n in survivors}
     announce = {"round": round_number, "survivors": survivors}
     tags = {n: received(n, confirm_fn, announce)["tags"] for n in survivors}
     answers = {n: received(n, unmask_fn, announce | {"tags": {p: tags[p][n] for p in survivors if p != n}})
