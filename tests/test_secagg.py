@@ -261,3 +261,56 @@ def test_the_mock_config_runs_without_a_ledger_and_cannot_unmask(keys, roster, t
     assert not (tmp_path / "joe.json").exists()
     loaded = secagg.load_config(config.to_asset())
     assert loaded == config
+
+
+# --- through syft: setup assets, the mock run, refusals that reach the data scientist --------------------
+def mask_step(secret_key, config, weights):
+    from secure_ai import secagg
+    from secure_ai import secret_sharing as ss
+
+    return secagg.owner_mask(ss.encode(weights["x"]), secret_key, config, weights)
+
+
+def confirm_step(secret_key, config, weights):
+    from secure_ai import secagg
+
+    return secagg.owner_confirm(secret_key, config, weights)
+
+
+def unmask_step(secret_key, config, weights):
+    from secure_ai import secagg
+
+    return secagg.owner_unmask(secret_key, config, weights)
+
+
+def test_a_round_through_syft_datasites():
+    from secure_ai.workers import DataOwner
+
+    names = ("sjane", "sjoe")
+    keys = {name: ss.generate_keypair() for name in names}
+    roster = {name: public for name, (_, public) in keys.items()}
+    owners = {name: DataOwner(name) for name in names}
+    try:
+        clients = {}
+        for name, owner in owners.items():
+            config = secagg.make_config("syft-run", name, roster, secagg.ledger_path(owner, "syft-run"))
+            secagg.setup_owner(owner, config, keys[name][0])
+            owner.add_data_scientist("ds@example.org", "pw")
+            clients[name] = owner.login("ds@example.org", "pw")
+            for step in (mask_step, confirm_step, unmask_step):
+                secagg.request_step(clients[name], step, rounds=2)
+                owner.approve(step.__name__)
+        steps = dict(zip(("train_and_mask", "confirm_survivors", "reveal_masks"),
+                         ("mask_step", "confirm_step", "unmask_step")))
+        x = {"sjane": np.array([0.5, -1.0]), "sjoe": np.array([0.25, 3.0])}
+        call = lambda name, function, request: secagg.call_step(clients[name], steps[function],
+                                                                 request | {"x": x[name]})
+        total = secagg.secure_round(call, names, 0, {})
+        np.testing.assert_array_equal(ss.decode(total), [0.75, 2.0])
+        assert secagg.ledger_path(owners["sjoe"], "syft-run").exists()     # in the owner's datasite folder
+        with pytest.raises(secagg.Refused, match="sjoe refused: .*already masked"):
+            secagg.unwrap("sjoe", call("sjoe", "train_and_mask", {"round": 0}))
+    finally:
+        for owner in owners.values():
+            owner.shutdown()
+    assert not secagg.ledger_path(owners["sjoe"], "syft-run").exists()

@@ -16,8 +16,9 @@ of the CKKS key holder's public context plus this owner's MAC key shared with th
 
 One round ``r`` of masked FedAvg, as three approved calls per owner (Bonawitz et al. 2017, simplified):
 
-1. :func:`owner_mask`: ``y_i = x_i + PRG(b_i) + sum_j ±PRG(s_ij,r)``, with a fresh self-mask seed ``b_i``
-   and this round's pairwise seeds ``s_ij,r`` (derived from the Diffie-Hellman secret, the run id and r).
+1. :func:`owner_mask`: ``y_i = x_i + PRG(b_i,r) + sum_j ±PRG(s_ij,r)``, with a self-mask seed ``b_i,r``
+   that only owner i can derive (from its secret key, the run id and r) and this round's pairwise seeds
+   ``s_ij,r`` (from the pair's Diffie-Hellman secret, the run id and r).
 2. :func:`owner_confirm`: the aggregator announces the survivors ``U`` (the owners whose ``y`` it uses);
    each owner in ``U`` authenticates ``U`` for every other owner (HMAC under a pairwise key).
 3. :func:`owner_unmask`: an owner in ``U`` that holds valid confirmations of the *same* ``U`` from every
@@ -25,14 +26,15 @@ One round ``r`` of masked FedAvg, as three approved calls per owner (Bonawitz et
    seed with a member of ``U``, never its ``b_i`` when it is outside ``U``.
 
 Each owner masks, confirms and unmasks at most once per round, in that order, with rounds strictly
-increasing: its :class:`Ledger` (a small JSON file in the owner's datasite folder, written by the approved
-code, which runs in the owner's process) enforces it. Because every member of ``U`` confirmed ``U`` once and
-``|U| >= threshold > n/2``, two different survivor sets cannot both be confirmed: a false "jill dropped"
+increasing: its :class:`Ledger` enforces it -- a small JSON file in the owner's datasite folder, which the
+approved code (running in the owner's process) finds through the owner's config, never through the request.
+Because every member of ``U`` confirmed ``U``, each owner confirms once per round, and ``|U| >= threshold >
+n/2``, no two different survivor sets can both be confirmed by all their members: a false "jill dropped"
 claim gets this round's seeds with jill but never ``b_jill``, and jill's ``y`` stays masked.
 Limits: an owner that drops between confirming and unmasking stalls the round (start a new one; Bonawitz
 et al. also Shamir-share ``b_i`` and the keys to finish it); the ledger protects as long as the owner keeps
-its file (deleting it re-opens old round numbers of the same run); approved functions may only read it
-through the path in the owner's config, and syft runs them on mocks too, where the mock config has no ledger.
+its file (deleting it re-opens old round numbers of the same run: start a new run id instead); syft also
+runs approved code on the mocks, whose config has no ledger and whose key unmasks nothing real.
 
 Owner-side functions return ``{"refused": reason}`` instead of raising, because syft 0.9.5 replaces an
 exception in approved code by "contact the Server Admin"; :func:`unwrap` turns it into :class:`Refused`.
@@ -152,6 +154,37 @@ def assets(client, dataset: str = "secagg") -> dict:
     """Data-scientist side: the ``extra_assets`` for the approved functions (``secret_key``, ``config``)."""
     found = client.datasets[dataset].assets
     return {"secret_key": found["secret_key"], "config": found["config"]}
+
+
+def request_step(client, function: Callable, rounds: int, dataset: str = "secagg"):
+    """Data-scientist side: request ``function(secret_key, config, weights)``, a step that reads no data.
+
+    Unlike a training function it is not bound to the images, so a call does not load them (faster).
+    """
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    from .workers import RemoteError, _clean, quiet, sy
+
+    if not isinstance(rounds, int) or rounds < 1:
+        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    with quiet():
+        step = sy.syft_function(input_policy=sy.MixedInputPolicy(client=client, **assets(client, dataset),
+                                                                 weights=dict),
+                                output_policy=OutputPolicyExecuteCount(limit=rounds))(function)
+        result = client.code.request_code_execution(step)
+    if isinstance(result, sy.SyftError):
+        raise RemoteError(_clean(result.message))
+    return step
+
+
+def call_step(client, function_name: str, request: Mapping, dataset: str = "secagg") -> dict:
+    """Data-scientist side: run an approved protocol step (:func:`request_step`) and bring its answer back."""
+    from .workers import call
+
+    remote = getattr(client.code, function_name, None)
+    if remote is None:
+        raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_step")
+    return call(remote, **assets(client, dataset), weights=dict(request))
 
 
 # --- the owner's state --------------------------------------------------------------------------------
