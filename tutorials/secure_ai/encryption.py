@@ -196,11 +196,14 @@ class KeyHolder:
     """The CKKS key holder: decrypts only flooded sums of authenticated updates, once per round.
 
     Trust: the owners trust it not to collude with the aggregator (it could decrypt any ciphertext it is
-    given) and to run these checks. ``mac_key(owner)`` goes to each owner privately at setup.
+    given) and to run these checks. ``mac_key(owner)`` goes to each owner privately at setup. The flooding
+    noise comes from a generator seeded by the OS; pass a seeded ``rng`` only for reproducible demonstrations
+    (whoever knows the seed can subtract the noise). NumPy's Gaussian sampler is not hardened against
+    floating-point side channels (Mironov 2012); production code uses a vetted sampler.
     """
 
     def __init__(self, run_id: str, owners: Sequence[str], min_owners: int = 2,
-                 flood_sigma: float = FLOOD_SIGMA):
+                 flood_sigma: float = FLOOD_SIGMA, rng: np.random.Generator | None = None):
         if not 2 <= min_owners <= len(set(owners)):
             raise ValueError(f"min_owners must be from 2 to the {len(set(owners))} owners, got {min_owners}")
         if not 0 <= flood_sigma <= 2**-4:  # the count rounds right unless the noise exceeds 8 sigma (1e-15)
@@ -210,7 +213,7 @@ class KeyHolder:
         self.public_context_bytes = context_to_bytes(self.context)
         self._mac_keys = {name: os.urandom(32) for name in owners}
         self.last_round = -1
-        self._rng = np.random.default_rng(secrets.randbits(128))
+        self._rng = np.random.default_rng(secrets.randbits(128)) if rng is None else rng
 
     def mac_key(self, owner: str) -> bytes:
         """Key-holder side, at setup: the MAC key for ``owner`` (sent to it over a private channel)."""
