@@ -251,7 +251,7 @@ def test_sums_of_two_subsets_reveal_the_difference(owners, updates):
 
 
 # --- the mock path ---------------------------------------------------------------------------------------
-def test_the_mock_config_runs_without_a_ledger_and_cannot_unmask(keys, roster, tmp_path, updates):
+def test_the_mock_config_has_no_ledger_and_its_own_key(keys, roster, tmp_path, updates):
     config = secagg.make_config(RUN, "joe", roster, tmp_path / "joe.json")
     mock_key, _ = ss.generate_keypair()
     mock = secagg.mock_config(config, mock_key)
