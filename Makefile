@@ -11,7 +11,7 @@ STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb))
 CUDA_ONLY := nvidia-|cuda-|triton==
 
-.PHONY: lab test run html cost env lock lint clean
+.PHONY: lab test run html cost mnist env lock lint clean
 
 env: $(STAMP)
 
@@ -35,8 +35,12 @@ lab: $(STAMP)
 # pytest-xdist: one notebook per worker (--dist loadfile), each torch on one thread. JOBS=1 runs serially
 # in one worker; every worker kernel needs up to 1.5 GB.
 JOBS ?= 2
-test: $(STAMP)
+test: $(STAMP) mnist
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile
+
+# MNIST on disk before the workers start (else each would download it into data/ at the same time).
+mnist: $(STAMP)
+	@cd tutorials && ../$(BIN)/python -c "from secure_ai.data import mnist_raw; mnist_raw(True); mnist_raw(False)"
 
 # Always with figures (the inline backend, whatever MPLBACKEND says), widgets saved as text, each code
 # cell stamped with the hash of its source. One notebook: make run NOTEBOOKS=tutorials/Part-02-....ipynb

@@ -85,7 +85,7 @@ def test_make_test_runs_pytest_with_the_notebooks():
     """``make test`` is pytest (notebooks spread over xdist workers, one file each, one thread each);
     pytest's own configuration must collect and run the notebooks."""
     assert re.search(
-        r"^test: \$\(STAMP\)\n\tOMP_NUM_THREADS=1 \$\(BIN\)/python -m pytest"
+        r"^test: \$\(STAMP\)( mnist)?\n\tOMP_NUM_THREADS=1 \$\(BIN\)/python -m pytest"
         r" -n \$\(JOBS\) --dist loadfile\s*$",
         MAKEFILE, re.M,
     ), "make test must run plain pytest, one notebook per xdist worker"
