@@ -54,7 +54,7 @@ cost: $(STAMP)
 	$(BIN)/python benchmarks/notebook_cost.py $(NOTEBOOKS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check tutorials tests benchmarks
+	$(BIN)/ruff check tutorials tests benchmarks tools
 
 # Update the lock after editing requirements.in. CUDA runtime wheels exist for Linux only, so they
 # get a marker that lets macOS and Windows install the same lock.

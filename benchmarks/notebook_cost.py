@@ -2,8 +2,10 @@
 
 Run from the repository root (``make cost``); the notebooks are executed into a temporary folder, never
 in place, exactly as ``make run`` executes them (fresh ``secure-ai`` kernel, inline figures). Peak memory
-is the largest resident memory of the kernel and the processes it starts (syft's HTTP datasite), sampled
-every 0.1 s: what a Binder user's 2 GB must hold besides JupyterLab.
+is the largest total, sampled every 0.1 s, of the kernel's resident memory and the unique memory of the
+processes it starts (syft's HTTP datasite in Part 1): what a Binder user's 2 GB must hold besides
+JupyterLab. With PyPI's CUDA build of torch (Linux) about 0.4 GB of it is torch's CUDA libraries, which
+a CPU-only torch (Binder, conda, macOS) does not load.
 
     .venv/bin/python benchmarks/notebook_cost.py                 # every chapter, a Markdown table
     .venv/bin/python benchmarks/notebook_cost.py --cells 5 tutorials/Part-02-*.ipynb
