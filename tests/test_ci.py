@@ -71,6 +71,14 @@ def test_ci_run_uses_the_readme_commands():
     )
 
 
+def test_ci_run_installs_chromium_before_the_tests():
+    """tests/test_book.py fails in CI without a browser: .ci/run installs Debian's chromium when missing."""
+    lines = shell_lines(CI_RUN)
+    install = [i for i, line in enumerate(lines) if "apt-get install" in line and "chromium" in line]
+    check = [i for i, line in enumerate(lines) if "command -v chromium" in line]
+    assert install and check and check[0] < install[0] < lines.index("make test")
+
+
 # --- Makefile ------------------------------------------------------------------------------------------
 
 
@@ -169,7 +177,8 @@ def test_installation_names_the_mnist_files_the_helper_looks_for():
 def test_mnist_is_never_committed():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("data/MNIST/raw/train-images-idx3-ubyte", ".venv/bin/python"):
+    venv = ".venv" if (ROOT / ".venv").is_symlink() else ".venv/bin/python"  # git stops at a symlink
+    for path in ("data/MNIST/raw/train-images-idx3-ubyte", venv):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
 
