@@ -56,3 +56,17 @@ def test_stamps_and_costs(executed):
     assert 20 < nb.metadata[STAMP]["peak_memory_mb"] < 2000  # a Python kernel with matplotlib
     assert [i for i, _ in run.cell_peaks] == list(range(len(CELLS)))
     assert problems(nb) == []
+
+
+def test_a_failing_notebook_is_reported_and_not_saved(tmp_path, capsys):
+    from tools.execute import main
+
+    path = tmp_path / "fails.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 / 0")])
+    nb.metadata["kernelspec"] = {"name": "secure-ai", "display_name": "secure-ai", "language": "python"}
+    nbformat.write(nb, path)
+    before = path.read_text()
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError" in err and "fails.ipynb failed" in err and "not saved" in err
+    assert path.read_text() == before

@@ -11,6 +11,7 @@ so a page that needs the network to render is caught, online or not.
 """
 from __future__ import annotations
 
+import base64
 import json
 import re
 import shutil
@@ -131,8 +132,6 @@ class Chromium:
             url = params["request"]["url"]
             stub = next((body for pattern, body in STUBS.items() if re.match(pattern, url)), None)
             if stub is not None:
-                import base64
-
                 self._send("Fetch.fulfillRequest", session, requestId=params["requestId"], responseCode=200,
                            responseHeaders=[{"name": "Content-Type", "value": "text/javascript"}],
                            body=base64.b64encode(stub.encode()).decode())

@@ -28,6 +28,7 @@ from pathlib import Path
 import nbformat
 import psutil
 from nbclient import NotebookClient
+from nbclient.exceptions import CellExecutionError
 
 KERNEL = "secure-ai"
 INLINE = "module://matplotlib_inline.backend_inline"
@@ -175,7 +176,11 @@ def execute(path: Path, output: Path | None = None, timeout: int = 900) -> Run:
         sampler[0].new_cell()
 
     def after_cell(cell, cell_index, **_):
-        cell_peaks.append((cell_index, max(sampler[0].new_cell(), sampler[0].rss())))
+        try:
+            now = sampler[0].rss()
+        except psutil.Error:  # the kernel died: nbclient reports it
+            now = 0
+        cell_peaks.append((cell_index, max(sampler[0].new_cell(), now)))
 
     client.on_cell_start, client.on_cell_executed = before_cell, after_cell
     start = time.perf_counter()
@@ -189,6 +194,7 @@ def execute(path: Path, output: Path | None = None, timeout: int = 900) -> Run:
 
     replace_widgets(nb)
     for cell in nb.cells:
+        cell.metadata.pop("execution", None)  # timestamps of an earlier nbconvert run
         if cell.cell_type == "code":
             cell.metadata[STAMP] = {"source": source_hash(cell.source)}
     nb.metadata[STAMP] = {
@@ -211,7 +217,11 @@ def main(argv: list[str] | None = None) -> int:
         if output:
             output.parent.mkdir(parents=True, exist_ok=True)
         print(f"== {notebook.name}", flush=True)
-        run = execute(notebook, output, args.timeout)
+        try:
+            run = execute(notebook, output, args.timeout)
+        except CellExecutionError as error:
+            print(f"{error}\n{notebook.name} failed (see the cell above); it was not saved.", file=sys.stderr)
+            return 1
         peak = f"{run.peak_bytes / 2**30:.2f} GB" if run.peak_bytes else "unknown"
         print(f"   {run.seconds:.0f} s, peak memory {peak} (kernel and its children)", flush=True)
     return 0
