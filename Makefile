@@ -1,7 +1,9 @@
 # Secure-AI: two commands for a fresh machine.
 #   make lab    create .venv if missing, then open JupyterLab on tutorials/
-#   make test   create .venv if missing, then run every test (helper + notebooks)
-#   make run    execute every notebook headlessly, in place
+#   make test   create .venv if missing, then run every test (helper + notebooks), JOBS notebooks at a time
+#   make run    execute every notebook headlessly, in place, with figures and stamps (tools/execute.py)
+#   make html   render the executed notebooks into a static book in build/ (tools/book.py)
+#   make cost   execute each notebook alone; print run time and peak memory (benchmarks/notebook_cost.py)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -9,7 +11,7 @@ STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb))
 CUDA_ONLY := nvidia-|cuda-|triton==
 
-.PHONY: lab test run env lock lint clean
+.PHONY: lab test run html cost mnist env lock lint clean
 
 env: $(STAMP)
 
@@ -30,18 +32,29 @@ ROOT_ARGS := $(if $(filter 0,$(shell id -u 2>/dev/null)),--allow-root)
 lab: $(STAMP)
 	$(BIN)/jupyter lab --notebook-dir=tutorials --MultiKernelManager.default_kernel_name=secure-ai $(ROOT_ARGS) $(LAB_ARGS)
 
-test: $(STAMP)
-	$(BIN)/python -m pytest
+# pytest-xdist: one notebook per worker (--dist loadfile), each torch on one thread. JOBS=1 runs serially
+# in one worker; every worker kernel needs up to 1.5 GB.
+JOBS ?= 2
+test: $(STAMP) mnist
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(JOBS) --dist loadfile
 
+# MNIST on disk before the workers start (else each would download it into data/ at the same time).
+mnist: $(STAMP)
+	@cd tutorials && ../$(BIN)/python -c "from secure_ai.data import mnist_raw; mnist_raw(True); mnist_raw(False)"
+
+# Always with figures (the inline backend, whatever MPLBACKEND says), widgets saved as text, each code
+# cell stamped with the hash of its source. One notebook: make run NOTEBOOKS=tutorials/Part-02-....ipynb
 run: $(STAMP)
-	cd tutorials && for nb in $(notdir $(NOTEBOOKS)); do \
-	  echo "== $$nb"; \
-	  ../$(BIN)/jupyter nbconvert --to notebook --execute --inplace \
-	    --ExecutePreprocessor.kernel_name=secure-ai --ExecutePreprocessor.timeout=900 "$$nb" || exit 1; \
-	done
+	$(BIN)/python -m tools.execute $(NOTEBOOKS)
+
+html: $(STAMP)
+	$(BIN)/python -m tools.book --out build $(NOTEBOOKS)
+
+cost: $(STAMP)
+	$(BIN)/python benchmarks/notebook_cost.py $(NOTEBOOKS)
 
 lint: $(STAMP)
-	$(BIN)/ruff check tutorials tests benchmarks
+	$(BIN)/ruff check tutorials tests benchmarks tools
 
 # Update the lock after editing requirements.in. CUDA runtime wheels exist for Linux only, so they
 # get a marker that lets macOS and Windows install the same lock.
@@ -52,4 +65,4 @@ lock:
 	sed -i.bak -E '/^($(CUDA_ONLY))/ s/$$/ ; sys_platform == "linux"/' requirements.txt && rm requirements.txt.bak
 
 clean:
-	rm -rf $(VENV) .tools .pytest_cache
+	rm -rf $(VENV) .tools .pytest_cache build

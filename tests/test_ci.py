@@ -71,19 +71,35 @@ def test_ci_run_uses_the_readme_commands():
     )
 
 
+def test_ci_run_installs_chromium_before_the_tests():
+    """tests/test_book.py fails in CI without a browser: .ci/run installs Debian's chromium when missing."""
+    lines = shell_lines(CI_RUN)
+    install = [i for i, line in enumerate(lines) if "apt-get install" in line and "chromium" in line]
+    check = [i for i, line in enumerate(lines) if "command -v chromium" in line]
+    assert install and check and check[0] < install[0] < lines.index("make test")
+
+
 # --- Makefile ------------------------------------------------------------------------------------------
 
 
 def test_makefile_has_the_documented_targets():
-    documented = {"lab", "test", "run", "env", "lock", "lint", "clean"}
+    documented = {"lab", "test", "run", "html", "cost", "env", "lock", "lint", "clean"}
     assert documented <= make_targets(), documented - make_targets()
     phony = re.search(r"^\.PHONY:(.*)$", MAKEFILE, re.M)
     assert phony and documented - {"env"} <= set(phony[1].split())
 
 
 def test_make_test_runs_pytest_with_the_notebooks():
-    """``make test`` is plain pytest; pytest's own configuration must collect and run the notebooks."""
-    assert re.search(r"^test: \$\(STAMP\)\n\t\$\(BIN\)/python -m pytest\s*$", MAKEFILE, re.M)
+    """``make test`` is pytest (notebooks spread over xdist workers, one file each, one thread each);
+    pytest's own configuration must collect and run the notebooks."""
+    assert re.search(
+        r"^test: \$\(STAMP\)( mnist)?\n\tOMP_NUM_THREADS=1 \$\(BIN\)/python -m pytest"
+        r" -n \$\(JOBS\) --dist loadfile\s*$",
+        MAKEFILE, re.M,
+    ), "make test must run plain pytest, one notebook per xdist worker"
+    assert re.search(r"^JOBS \?= [1-9]\d*\s*$", MAKEFILE, re.M)
+    import xdist  # noqa: F401  (the lock must provide it)
+
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["pytest"]["ini_options"]
     assert {"tests", "tutorials"} <= set(config["testpaths"])
     options = config["addopts"].split()
@@ -96,7 +112,11 @@ def test_every_notebook_names_the_kernel_make_installs():
     Python without the lock's packages."""
     kernel = re.search(r"ipykernel install --sys-prefix --name (\S+)", MAKEFILE)
     assert kernel, "Makefile no longer registers a kernel"
-    assert f"kernel_name={kernel[1]}" in MAKEFILE, "`make run` must execute with that kernel"
+    from tools.execute import KERNEL
+
+    run = r"^run: \$\(STAMP\)\n\t\$\(BIN\)/python -m tools\.execute \$\(NOTEBOOKS\)$"
+    assert re.search(run, MAKEFILE, re.M), "`make run` must go through tools/execute.py"
+    assert KERNEL == kernel[1], "`make run` (tools/execute.py) must execute with that kernel"
     for doc in ("INSTALLATION.md",):
         assert f"--name {kernel[1]}" in (ROOT / doc).read_text(), doc
     for notebook in NOTEBOOKS:
@@ -157,7 +177,8 @@ def test_installation_names_the_mnist_files_the_helper_looks_for():
 def test_mnist_is_never_committed():
     if shutil.which("git") is None or not (ROOT / ".git").exists():
         pytest.skip("not a git checkout")
-    for path in ("data/MNIST/raw/train-images-idx3-ubyte", ".venv/bin/python"):
+    venv = ".venv" if (ROOT / ".venv").is_symlink() else ".venv/bin/python"  # git stops at a symlink
+    for path in ("data/MNIST/raw/train-images-idx3-ubyte", venv):
         ignored = subprocess.run(["git", "check-ignore", "-q", path], cwd=ROOT)
         assert ignored.returncode == 0, f"{path} is not git-ignored"
 

@@ -41,6 +41,29 @@ def test_mnist_raw_is_compact_and_read_only(mnist):
     with pytest.raises(ValueError):
         images[0, 0, 0] = 1
     assert torch.equal(data.normalize(images[:5].copy()), mnist[0][0][:5])
+    assert torch.equal(data.normalize(images[:5]), mnist[0][0][:5])  # read-only: no copy needed
+    assert torch.equal(data.normalize(torch.from_numpy(images[:5].copy())), mnist[0][0][:5])
+
+
+def test_mnist_tensors_are_shared_but_not_kept_alive_by_the_cache(mnist, tmp_path):
+    """Memory: the 31 MB (test) or 188 MB (train) float copy lives only while a notebook holds it."""
+    import gc
+    import weakref
+
+    raw = tmp_path / "MNIST" / "raw"  # a root of its own: the session's `mnist` fixture holds the usual one
+    raw.mkdir(parents=True)
+    for name in data.MNIST_FILES:
+        source = next((data.data_root() / "MNIST" / "raw").glob(f"{name}*"))
+        (raw / source.name).symlink_to(source)
+    images, labels = data.mnist_tensors(False, root=tmp_path)
+    assert data.mnist_tensors(False, root=tmp_path)[0] is images  # shared while held
+    assert torch.equal(images, mnist[1][0])
+    dead = weakref.ref(images)
+    del images, labels
+    gc.collect()
+    assert dead() is None, "the cache keeps the float copy alive"
+    again, _ = data.mnist_tensors(False, root=tmp_path)
+    assert again.shape == (10000, 1, 28, 28) and again.dtype == torch.float32
 
 
 def test_direct_idx_reading_matches_torchvision(mnist):

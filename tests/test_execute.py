@@ -1,0 +1,72 @@
+"""``make run`` (tools/execute.py) on a small notebook: figures whatever MPLBACKEND says, progress bars
+saved as their final text, stamps that tests/test_saved_notebooks.py accepts."""
+from __future__ import annotations
+
+import nbformat
+import pytest
+from test_saved_notebooks import problems
+
+from tools.execute import STAMP, WIDGET_VIEW, execute, source_hash
+
+CELLS = [
+    "import matplotlib.pyplot as plt\nfrom tqdm.auto import tqdm",
+    "plt.plot([1, 2, 3]);",
+    "for _ in tqdm(range(3), desc='kept'):\n    pass",
+    "for _ in tqdm(range(3), desc='hidden', leave=False):\n    pass",
+    "print('done')",
+]
+
+
+@pytest.fixture(scope="module")
+def executed(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run") / "tiny.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(source) for source in CELLS])
+    nb.metadata["kernelspec"] = {"name": "secure-ai", "display_name": "secure-ai", "language": "python"}
+    nbformat.write(nb, path)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("MPLBACKEND", "Agg")  # what .ci/run exports: make run must draw anyway
+        run = execute(path)
+    return nbformat.read(path, as_version=4), run
+
+
+def texts(cell) -> str:
+    return "".join(output.get("text", "") for output in cell.outputs)
+
+
+def test_figures_are_saved_even_with_agg_in_the_environment(executed):
+    nb, _ = executed
+    assert any("image/png" in output.get("data", {}) for output in nb.cells[1].outputs)
+
+
+def test_progress_bars_are_saved_as_their_final_text(executed):
+    nb, _ = executed
+    assert "widgets" not in nb.metadata
+    for cell in nb.cells:
+        assert not any(WIDGET_VIEW in output.get("data", {}) for output in cell.outputs)
+    assert texts(nb.cells[2]).startswith("kept: 100%|██████████| 3/3 [")
+    assert texts(nb.cells[3]) == "", "a bar the loop hid (leave=False) is not saved either"
+    assert texts(nb.cells[4]) == "done\n"
+
+
+def test_stamps_and_costs(executed):
+    nb, run = executed
+    for cell in nb.cells:
+        assert cell.metadata[STAMP]["source"] == source_hash(cell.source)
+    assert nb.metadata[STAMP]["run_time_s"] > 0
+    assert 20 < nb.metadata[STAMP]["peak_memory_mb"] < 2000  # a Python kernel with matplotlib
+    assert [i for i, _ in run.cell_peaks] == list(range(len(CELLS)))
+    assert problems(nb) == []
+
+
+def test_a_failing_notebook_is_reported_and_not_saved(tmp_path, capsys):
+    from tools.execute import main
+
+    path = tmp_path / "fails.ipynb"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("1 / 0")])
+    nb.metadata["kernelspec"] = {"name": "secure-ai", "display_name": "secure-ai", "language": "python"}
+    nbformat.write(nb, path)
+    before = path.read_text()
+    assert main([str(path)]) == 1
+    err = capsys.readouterr().err
+    assert "ZeroDivisionError" in err and "fails.ipynb failed" in err and "not saved" in err
+    assert path.read_text() == before
