@@ -87,8 +87,10 @@ def _asset_kwargs(client, extra_assets: Mapping[str, object] | None) -> dict:
     clash = set(extra_assets or ()) & {"images", "labels", "weights"}
     if clash:
         raise ValueError(f"extra_assets cannot be named {sorted(clash)}: those arguments are taken")
+    from syft.service.dataset.dataset import Asset  # what a client lists (sy.Asset is the upload form)
+
     for name, asset in (extra_assets or {}).items():
-        if not isinstance(asset, sy.Asset) or asset.server_uid != client.id:
+        if not isinstance(asset, Asset) or asset.server_uid != client.id:
             where = getattr(asset, "server_uid", None)
             raise ValueError(
                 f"extra_assets[{name!r}] must be an asset of {client.name}'s datasite, got "
