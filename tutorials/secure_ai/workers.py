@@ -149,7 +149,7 @@ class DataOwner:
 
     # --- people ---------------------------------------------------------------------------------------
     def add_data_scientist(self, email: str, password: str, name: str = "Data Scientist") -> None:
-        """Create an account for a data scientist (a guest: it sees mocks, asks before running code)."""
+        """Create an account with syft's DATA_SCIENTIST role: it sees mocks and asks before running code."""
         self._check_running()
         if "@" not in email or not password:
             raise ValueError("a data scientist needs an email address and a non-empty password")
@@ -318,7 +318,7 @@ def _inputs_of(code, owner: DataOwner) -> dict[str, str]:
             if hasattr(rule, "type"):
                 described[arg] = f"any {rule.type.__name__} of the data scientist's"
             else:
-                described[arg] = assets.get(str(uid), f"object {uid} (not an asset)")
+                described[arg] = assets.get(str(uid), f"object {str(uid)[:8]} (not one of your assets)")
     return dict(sorted(described.items()))
 
 
@@ -342,7 +342,9 @@ class CodeReview(str):
         digest = hashlib.sha256(
             "\0".join([code.service_func_name, code.raw_code, repr(inputs), policies]).encode()
         ).hexdigest()
-        runs = f"at most {limits['limit']} runs" if "limit" in limits else code.output_policy_type.__name__
+        once = code.output_policy_type.__name__ == "OutputPolicyExecuteOnce"
+        limit = limits.get("limit", 1 if once else None)
+        runs = f"at most {limit} run{'s' * (limit != 1)}" if limit else code.output_policy_type.__name__
         header = (f"# request {str(request.id)[:8]}: {runs}, digest {digest[:12]}\n# inputs: "
                   + ", ".join(f"{k} = {v}" for k, v in inputs.items()))
         review = cls(f"{header}\n{code.raw_code}")
