@@ -136,8 +136,9 @@ def main() -> None:
     for name, client in clients.items():
         fl.request_training(client, train_vector, rounds=vector_runs)
         fl.request_training(client, train_dict, rounds=args.repeats)
-        owners[name].approve("train_vector")
-        owners[name].approve("train_dict")
+        for function in ("train_vector", "train_dict"):
+            owners[name].code_of(function)  # an approval binds to the code the owner was shown
+            owners[name].approve(function)
     setup_s = time.perf_counter() - start
 
     model = tr.CNN(channels=channels)

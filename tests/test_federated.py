@@ -23,18 +23,46 @@ def train_small(images, labels, weights):
     return {"weights": get_weights(model), "n_samples": len(labels), "loss": loss}
 
 
-@pytest.fixture(scope="module")
-def federation(mnist):
+def train_checked(images, labels, weights):
+    import torch
+    from secure_ai.federated import checked_model
+    from secure_ai.training import model_to_vector, train_epoch
+
+    model, recipe = checked_model(weights, min_batch_size=32, max_lr=0.1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
+    train_epoch(model, torch.tensor(images), torch.from_numpy(labels), optimizer, recipe["batch_size"],
+                seed=recipe["seed"], progress=False)
+    return {"weights": {"vector": model_to_vector(model).numpy()}, "n_samples": len(labels)}
+
+
+def _federation(names):
+    """Owners with unequal MNIST slices, each approving ``train_small`` for ROUNDS runs."""
     images, labels = data.mnist_raw(True)
     parts = [np.arange(0, 300), np.arange(300, 500)]  # unequal sizes: FedAvg must weight them
-    owners = {name: DataOwner(name) for name in ("fjoe", "fjane")}
+    owners = {name: DataOwner(name) for name in names}
     for owner, idx in zip(owners.values(), parts):
         fl.upload_mnist(owner, images[idx], labels[idx], mock_size=8)
         owner.add_data_scientist(EMAIL, PASSWORD)
     clients = {name: owner.login(EMAIL, PASSWORD) for name, owner in owners.items()}
     for name, client in clients.items():
         fl.request_training(client, train_small, rounds=ROUNDS)
+        owners[name].code_of("train_small")
         owners[name].approve("train_small")
+    return owners, clients, parts
+
+
+@pytest.fixture(scope="module")
+def federation(mnist):
+    owners, clients, parts = _federation(("fjoe", "fjane"))
+    yield owners, clients, parts
+    for owner in owners.values():
+        owner.shutdown()
+
+
+@pytest.fixture()
+def fresh_federation(mnist):
+    """Datasites of the test's own, so that run counts do not depend on which tests ran before."""
+    owners, clients, parts = _federation(("rjoe", "rjane"))
     yield owners, clients, parts
     for owner in owners.values():
         owner.shutdown()
@@ -68,17 +96,18 @@ def test_fedavg_round_equals_local_fedavg_of_the_same_updates(federation):
     assert not np.allclose(averaged["net.1.weight"], start["net.1.weight"])
 
 
-def test_run_fedavg_trains_and_stops_at_the_approved_rounds(federation, mnist):
-    owners, clients, _ = federation
+def test_run_fedavg_trains_and_stops_at_the_approved_rounds(fresh_federation, mnist):
+    owners, clients, _ = fresh_federation
     _, (test_x, test_y) = mnist
     tr.set_seed(1)
     model = tr.MLP(hidden=16)
     before = tr.evaluate(model, test_x[:1000], test_y[:1000])[0]
-    history = fl.run_fedavg(model, clients, "train_small", 1, (test_x[:1000], test_y[:1000]), progress=False)
-    assert len(history) == 1 and history[0] > before + 0.2
+    history = fl.run_fedavg(model, clients, "train_small", ROUNDS, (test_x[:1000], test_y[:1000]),
+                            progress=False)
+    assert len(history) == ROUNDS and history[-1] > before + 0.2
     assert all(owner.runs("train_small") == ROUNDS for owner in owners.values())
     with pytest.raises(RemoteError, match="used up"):
-        fl.train_remotely(clients["fjoe"], "train_small", tr.get_weights(model))
+        fl.train_remotely(clients["rjoe"], "train_small", tr.get_weights(model))
 
 
 def test_clear_errors_for_bad_input(federation):
@@ -113,6 +142,7 @@ def test_function_without_weights_and_counts_is_rejected(federation):
 
     for name, client in clients.items():
         fl.request_training(client, returns_nothing_useful, rounds=1)
+        owners[name].code_of("returns_nothing_useful")
         owners[name].approve("returns_nothing_useful")
     with pytest.raises(ValueError, match="'weights' and 'n_samples'"):
         fl.fedavg_round(clients, "returns_nothing_useful", {"w": torch.zeros(1).numpy()})
@@ -127,11 +157,86 @@ def test_extra_assets_reach_the_function_and_names_cannot_clash(federation):
 
     extra = {"secret": clients["fjoe"].datasets["extra"].assets["secret"]}
     fl.request_training(clients["fjoe"], uses_secret, rounds=1, extra_assets=extra)
+    owners["fjoe"].code_of("uses_secret")
     owners["fjoe"].approve("uses_secret")
     result = fl.train_remotely(clients["fjoe"], "uses_secret", {"k": 3}, extra_assets=extra)
     assert result == {"n": 300, "product": 21}
     with pytest.raises(ValueError, match=r"cannot be named \['labels'\]"):
         fl.request_training(clients["fjoe"], uses_secret, rounds=1, extra_assets={"labels": extra["secret"]})
+    # An asset of another datasite (jane's labels) cannot be bound to a function on joe's.
+    foreign = {"secret": clients["fjane"].datasets[fl.DATASET].assets["labels"]}
+    with pytest.raises(ValueError, match="must be an asset of fjoe's datasite"):
+        fl.request_training(clients["fjoe"], uses_secret, rounds=1, extra_assets=foreign)
+    with pytest.raises(ValueError, match="must be an asset of fjoe's datasite"):
+        fl.train_remotely(clients["fjoe"], "uses_secret", {"k": 3}, extra_assets={"secret": np.array([7])})
+
+
+def _message(model="mlp", **changes):
+    net = tr.MLP() if model == "mlp" else tr.CNN(channels=(4, 8))
+    message = {"model": model, "vector": tr.model_to_vector(net).numpy(), "lr": 0.01, "momentum": 0.0,
+               "batch_size": 64, "seed": 0}
+    return message | ({"channels": [4, 8]} if model == "cnn" else {}) | changes
+
+
+def test_a_batch_of_one_reveals_the_digit_so_approved_code_must_bound_it():
+    """Malicious data scientist: one SGD step on one digit; first-layer weight change / bias change is it."""
+    images, labels = data.mnist_raw(True)
+    x = data.normalize(images[:1])
+    model = tr.MLP()
+    w, b = model.net[1].weight.detach().clone(), model.net[1].bias.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tr.train_epoch(model, x, torch.from_numpy(labels[:1].astype(np.int64)), optimizer, 1, progress=False)
+    dw, db = model.net[1].weight.detach() - w, model.net[1].bias.detach() - b
+    unit = db.abs().argmax()
+    np.testing.assert_allclose(dw[unit] / db[unit], x.flatten(), atol=1e-3)  # the digit, recovered
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 32, got 1"):
+        fl.checked_model(_message(batch_size=1), min_batch_size=32, max_lr=0.1)
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"batch_size": 31}, "batch_size must be an integer >= 32"),
+    ({"batch_size": 64.0}, "batch_size must be an integer"),
+    ({"lr": 0.5}, r"lr must be a number in \(0, 0.1\]"),
+    ({"lr": 0}, "lr must be a number"),
+    ({"momentum": 1.0}, "momentum must be a number"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"vector": np.zeros(10, dtype=np.float32)}, r"vector must be float32 of shape \(397510,\)"),
+    ({"vector": np.zeros(397510)}, "vector must be float32"),
+    ({"vector": np.full(397510, np.nan, dtype=np.float32)}, "NaN or infinite"),
+    ({"extra": 1}, "message keys must be"),
+    ({"model": "resnet"}, "model must be 'cnn'"),
+    ({"channels": [4, 8]}, "model must be 'cnn'"),
+])
+def test_checked_model_refuses_what_the_owner_did_not_allow(changes, error):
+    with pytest.raises(ValueError, match=error):
+        fl.checked_model(_message(**changes), min_batch_size=32, max_lr=0.1)
+
+
+def test_checked_model_builds_the_model_from_an_allowed_message():
+    message = _message("cnn", batch=3)
+    model, recipe = fl.checked_model(message, min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
+    assert isinstance(model, tr.CNN) and recipe["batch"] == 3 and recipe["channels"] == [4, 8]
+    assert torch.equal(tr.model_to_vector(model), torch.from_numpy(message["vector"]))
+    with pytest.raises(ValueError, match="channels must be two integers in 1..32"):
+        fl.checked_model(_message("cnn", channels=[4, 1000]), min_batch_size=32, max_lr=0.1)
+    with pytest.raises(ValueError, match="message keys"):
+        fl.checked_model(_message("cnn"), min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
+
+
+def test_approved_code_refuses_a_data_scientist_who_asks_for_batch_1_or_odd_shapes(federation):
+    owners, clients, _ = federation
+    fl.request_training(clients["fjoe"], train_checked, rounds=3)
+    owners["fjoe"].code_of("train_checked")
+    owners["fjoe"].approve("train_checked")
+    # syft shows the data scientist only that the approved code raised (checked_model's ValueError)
+    with pytest.raises(RemoteError, match="Exception encountered while running train_checked"):
+        fl.train_remotely(clients["fjoe"], "train_checked", _message(batch_size=1))
+    with pytest.raises(RemoteError, match="Exception encountered while running train_checked"):
+        fl.train_remotely(clients["fjoe"], "train_checked", _message(vector=np.zeros((5, 3), np.float32)))
+    assert owners["fjoe"].runs("train_checked") == 0  # nothing trained, nothing returned
+    result = fl.train_remotely(clients["fjoe"], "train_checked", _message())  # within bounds: it trains
+    assert result["n_samples"] == 300 and result["weights"]["vector"].shape == (397510,)
+    assert owners["fjoe"].runs("train_checked") == 1
 
 
 def test_run_rounds_steps_tests_and_times_every_round(mnist):

@@ -1,10 +1,11 @@
-"""secure_ai.syft_patches: both fixes are installed and do what they say.
+"""secure_ai.syft_patches: the fixes are installed and hold against a data scientist who cheats.
 
-The end-to-end proof that run limits hold is in test_workers.py
-(test_approved_request_runs_at_most_the_approved_number_of_times).
+The end-to-end proof that run limits hold in this process is in test_workers.py
+(test_approved_request_runs_at_most_the_approved_number_of_times); here, in a spawned server process.
 """
 from typing import Any
 
+import numpy as np
 import pytest
 from secure_ai import syft_patches
 from secure_ai.workers import sy  # noqa: F401  (importing workers applies the patches)
@@ -33,11 +34,14 @@ def test_patches_are_installed_in_syft():
 
     assert syft_object_module.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
     assert service_module.attach_attribute_to_syft_object is syft_patches.attach_attribute_to_syft_object
+    import syft.server.uvicorn as uvicorn_module
     from syft.service.action.action_service import ActionService
 
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
     fixed = syft_patches.has_read_permission_for_action_result
     assert ActionService.has_read_permission_for_action_result is fixed
+    assert ActionService.execute is syft_patches.execute
+    assert uvicorn_module.run_uvicorn is syft_patches.run_uvicorn
     syft_patches.apply()  # idempotent
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
 
@@ -63,7 +67,6 @@ def test_fixed_walk_still_reaches_nested_syft_objects():
 
 def test_result_of_two_inputs_is_readable_with_the_fix_only(monkeypatch):
     """Fix 3: x + y on your own pointers; syft's original check refuses to let you read the result."""
-    import numpy as np
     from secure_ai.pointers import enable_pointer_ops, fetch, send
     from secure_ai.workers import DataOwner
     from syft.service.action.action_service import ActionService
@@ -78,3 +81,141 @@ def test_result_of_two_inputs_is_readable_with_the_fix_only(monkeypatch):
                             syft_patches._original_has_read_permission)
         with pytest.raises(PermissionError):
             fetch(x + y)
+
+
+PLAN_INPUT = np.zeros(6)  # syft's planify traces a function called with its default arguments
+
+
+def _lineage(pointer):
+    from syft.types.uid import LineageID
+
+    return LineageID(pointer.id.id)
+
+
+def _raw_action(op, remote_self, *args, **kwargs):
+    """An action built by hand, as a client that skips syft's client-side checks would send it."""
+    from syft.service.action.action_object import Action, ActionType
+
+    return Action(path="numpy.ndarray", op=op, remote_self=_lineage(remote_self),
+                  args=[_lineage(a) for a in args], kwargs={k: _lineage(v) for k, v in kwargs.items()},
+                  action_type=ActionType.METHOD)
+
+
+@pytest.fixture(scope="module")
+def guarded():
+    """A datasite with a private asset, pointer operations switched off, and a data scientist."""
+    from secure_ai.workers import DataOwner
+
+    owner = DataOwner("guard-joe")
+    owner.upload_dataset("numbers", private={"x": np.arange(6.0)}, mock={"x": np.zeros(6)})
+    owner.add_data_scientist("ds@example.org", "pw")
+    yield owner, owner.login("ds@example.org", "pw")
+    owner.shutdown()
+
+
+def test_pointer_operations_are_refused_server_side_while_switched_off(guarded, monkeypatch):
+    """Fix 4: a data scientist's client that ignores the owner's setting still gets nothing run."""
+    from secure_ai.pointers import enable_pointer_ops, fetch
+    from secure_ai.workers import quiet
+    from syft.service.action.action_service import ActionService
+    from syft.types.errors import SyftException
+
+    owner, ds = guarded
+    assert not ds.api.metadata.eager_execution_enabled
+    with quiet():
+        mine = sy.ActionObject.from_obj(np.ones(3)).send(ds)  # uploading an object stays allowed
+        with pytest.raises(SyftException, match="operations on pointers are switched off"):
+            ds.api.services.action.execute(_raw_action("__add__", mine, mine))
+    # Stock syft 0.9.5 runs the very same action: the setting was read only on the client.
+    monkeypatch.setattr(ActionService, "execute", syft_patches._original_execute)
+    with quiet():
+        result = ds.api.services.action.execute(_raw_action("__add__", mine, mine))
+    monkeypatch.undo()
+    np.testing.assert_array_equal(owner.client.api.services.action.get(result.id.id).syft_action_data, 2.0)
+    enable_pointer_ops(owner)
+    try:
+        ds_again = owner.login("ds@example.org", "pw")
+        with quiet():
+            result = ds_again.api.services.action.execute(_raw_action("__add__", mine, mine))
+        np.testing.assert_array_equal(fetch(result), 2.0)  # switched on: the owner allowed it
+    finally:
+        with quiet():
+            owner.client.settings.update(eager_execution_enabled=False)
+
+
+@pytest.mark.parametrize("route", ["self", "positional", "keyword", "plan"])
+def test_every_route_to_the_private_asset_stays_unreadable(guarded, route):
+    """Fix 3 and 4 against a data scientist who puts the private asset anywhere an action takes inputs."""
+    from secure_ai.pointers import enable_pointer_ops, fetch
+    from secure_ai.workers import quiet
+    from syft.types.errors import SyftException
+
+    owner, _ = guarded
+    enable_pointer_ops(owner)
+    try:
+        ds = owner.login("ds@example.org", "pw")
+        private = ds.datasets["numbers"].assets["x"].pointer
+        with quiet():
+            mine = sy.ActionObject.from_obj(np.full(6, 10.0)).send(ds)
+        if route == "plan":
+            def add_one(x=PLAN_INPUT):
+                return x + 1
+
+            with quiet():
+                plan = sy.planify(add_one).send(ds)
+                with pytest.raises(SyftException, match="Plan calls are refused"):
+                    ds.api.services.action.execute(_raw_action("__call__", plan, x=private))
+            return
+        action = {
+            "self": _raw_action("__add__", private, mine),              # private + mine
+            "positional": _raw_action("__add__", mine, private),        # mine + private
+            "keyword": _raw_action("clip", mine, min=private),          # mine.clip(min=private)
+        }[route]
+        with quiet():
+            result = ds.api.services.action.execute(action)
+        stored = owner.client.api.services.action.get(result.id.id).syft_action_data
+        assert np.asarray(stored).shape == (6,)  # it ran, on the private data ...
+        with pytest.raises(PermissionError):
+            fetch(result)                          # ... and the data scientist cannot read it
+    finally:
+        with quiet():
+            owner.client.settings.update(eager_execution_enabled=False)
+
+
+def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
+    """Fix 5: an owner's server started with *spawn* (syft's choice on macOS) runs a limit-2 function twice.
+
+    Measured before this fix (issue 14.13): a spawned server imports stock syft, which ran a limit-2
+    function 5 times out of 5. The child applies the fixes because it starts in syft_patches.run_uvicorn.
+    (Called again with the *same* inputs, syft answers from its cache of the last run without running.)
+    """
+    import multiprocessing
+
+    from secure_ai import workers
+    from secure_ai.workers import DataOwner, RemoteError, call
+    from syft.service.policy.policy import OutputPolicyExecuteCount
+
+    monkeypatch.setattr(multiprocessing, "Process", multiprocessing.get_context("spawn").Process)
+    monkeypatch.setattr(multiprocessing, "Event", multiprocessing.get_context("spawn").Event)
+    port = next(p for p in range(8260, 8290) if workers.port_is_free(p))
+    with DataOwner("spawnjoe", port=port) as owner:
+        assert owner._handle.python_server is None  # a separate server process
+        owner.upload_dataset("numbers", private={"x": np.arange(4.0)}, mock={"x": np.zeros(4)})
+        owner.add_data_scientist("ds@example.org", "pw")
+        ds = owner.login("ds@example.org", "pw")
+        asset = ds.datasets["numbers"].assets["x"]
+
+        def total(x, k):
+            return float(x.sum()) + k
+
+        with workers.quiet():
+            ds.code.request_code_execution(sy.syft_function(
+                input_policy=sy.MixedInputPolicy(client=ds, x=asset, k=int),
+                output_policy=OutputPolicyExecuteCount(limit=2))(total))
+        owner.code_of("total")
+        owner.approve("total")
+        assert [call(ds.code.total, x=asset, k=k) for k in (1, 2)] == [7.0, 8.0]
+        with pytest.raises(RemoteError, match="used up"):  # new inputs: a third run, refused
+            call(ds.code.total, x=asset, k=3)
+        assert owner.runs("total") == 2
+    assert workers.port_is_free(port)

@@ -7,7 +7,8 @@ there, and give new pointers; ``.get()`` brings a result back, if the owner's pe
 Two things in syft 0.9.5 stand in the way, and this module handles both:
 
 * pointer operations ("eager execution") are off by default; the owner turns them on with one settings
-  call (:func:`enable_pointer_ops`);
+  call (:func:`enable_pointer_ops`). Stock syft checks that setting only in the client; with
+  :mod:`secure_ai.syft_patches` (fix 4) the datasite itself refuses operations while it is off;
 * the datasite refuses to let you read the result of an operation with two different inputs
   (``x + y``), even on your own objects: a syft bug, fixed in :mod:`secure_ai.syft_patches` (fix 3).
 

@@ -1,4 +1,4 @@
-"""Three bugs of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream, so we patch it here.
+"""Five defects of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream: we patch it here.
 
 1. Slow calls. ``attach_attribute_to_syft_object`` (syft/types/syft_object.py) walks every
    ``collections.abc.Sequence`` it meets in a result, and ``bytes``/``str`` are Sequences: every byte of a
@@ -12,7 +12,20 @@
 3. Results of pointer operations unreadable. ``ActionService.has_read_permission_for_action_result``
    requires READ on every input of an action, but asks the store for one row holding all the inputs'
    ids at once: with two different inputs (``x + y``, ``x * 2``) no row matches, and a data scientist
-   cannot read the result even of its own objects. The fix applies the same rule input by input.
+   cannot read the result even of its own objects. The fix applies the same rule input by input
+   (``self``, positional and keyword arguments).
+4. Pointer operations and Plans are guarded only on the client. The owner's setting
+   ``eager_execution_enabled`` ("pointer operations on") is read by the *client* to decide whether to send
+   an operation; the server's ``action.execute`` runs whatever a guest sends. And a Plan call runs a list
+   of inner actions whose inputs are not the outer action's inputs, so the read rule of fix 3 sees only
+   the outer ones. The fix, in ``ActionService.execute``: a user below the data-owner role may run
+   operations on pointers only when the owner switched them on, and nobody may call a Plan (this series
+   never uses them).
+5. Fixes lost in server processes. An HTTP datasite runs in a child process (``serve_server`` starts
+   ``run_uvicorn``). On Linux the child is forked and inherits the patched modules; syft itself switches
+   to the *spawn* start method on macOS, and a spawned child imports stock syft, with fixes 1-4 absent.
+   The fix replaces ``syft.server.uvicorn.run_uvicorn`` with :func:`run_uvicorn`, which applies the fixes
+   in the child before it serves.
 
 :func:`apply` is idempotent; importing :mod:`secure_ai.workers` applies it.
 """
@@ -72,16 +85,48 @@ def has_read_permission_for_action_result(self, context, action) -> bool:
     )
 
 
+def execute(self, context, *args, **kwargs):
+    """syft's ``action.execute``; refuses Plan calls, and pointer operations the owner did not switch on."""
+    from syft.service.action.action_object import ActionType, TwinMode
+    from syft.service.action.plan import Plan
+    from syft.service.user.user_roles import ServiceRole
+    from syft.types.errors import SyftException
+
+    action = args[0] if args else kwargs["action"]
+    if action.op == "__call__" and action.remote_self is not None:
+        target = self._get(context, uid=action.remote_self, twin_mode=TwinMode.NONE, has_permission=True)
+        if target.is_ok() and target.ok().syft_action_data_type == Plan:
+            raise SyftException(public_message="Plan calls are refused on this datasite (secure_ai patch 4)")
+    is_operation = action.action_type not in (ActionType.CREATEOBJECT, ActionType.SYFTFUNCTION)
+    if is_operation and context.role.value < ServiceRole.DATA_OWNER.value:
+        if not context.server.settings.eager_execution_enabled:
+            raise SyftException(
+                public_message="operations on pointers are switched off on this datasite; the owner "
+                "must enable them (secure_ai.pointers.enable_pointer_ops)"
+            )
+    return _original_execute(self, context, *args, **kwargs)
+
+
+def run_uvicorn(*args, **kwargs):
+    """syft's ``run_uvicorn`` (the body of an HTTP datasite's process), after applying these fixes there."""
+    apply()
+    return _original_run_uvicorn(*args, **kwargs)
+
+
 _original_is_execution_allowed = None
 _original_attach = None
 _original_has_read_permission = None
+_original_execute = None
+_original_run_uvicorn = None
 
 
 def apply() -> None:
     """Install the fixes into the imported syft modules (safe to call more than once)."""
     global _applied, _original_is_execution_allowed, _original_attach, _original_has_read_permission
+    global _original_execute, _original_run_uvicorn
     if _applied:
         return
+    import syft.server.uvicorn as uvicorn_module
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
     from syft.service.action.action_service import ActionService
@@ -94,4 +139,8 @@ def apply() -> None:
     UserCodeService.is_execution_allowed = is_execution_allowed
     _original_has_read_permission = ActionService.has_read_permission_for_action_result
     ActionService.has_read_permission_for_action_result = has_read_permission_for_action_result
+    _original_execute = ActionService.execute
+    ActionService.execute = execute
+    _original_run_uvicorn = uvicorn_module.run_uvicorn
+    uvicorn_module.run_uvicorn = run_uvicorn  # serve_server looks it up at call time
     _applied = True

@@ -9,8 +9,10 @@ noise, and makes restarts clean: starting an owner whose name is already running
 from __future__ import annotations
 
 import atexit
+import hashlib
 import os
 import re
+import secrets
 import shutil
 import socket
 import tempfile
@@ -32,8 +34,8 @@ with quiet():
 syft_patches.apply()
 silence_logging()
 
-# syft 0.9.5 creates every datasite with this admin account. It is a well-known demo credential:
-# fine on your laptop, never on a server that others can reach.
+# syft 0.9.5 creates every datasite with this admin account. It is a well-known demo credential: an
+# in-memory datasite keeps it (nobody else can reach it); an HTTP datasite replaces the password at start.
 ADMIN_EMAIL, ADMIN_PASSWORD = "info@openmined.org", "changethis"
 
 _running: dict[str, DataOwner] = {}
@@ -62,10 +64,12 @@ class DataOwner:
     """A data owner (e.g. ``DataOwner("joe")``) running a syft datasite on their own machine.
 
     ``port=None`` runs the datasite inside this Python process (fast, nothing to clean up); with a port it
-    is a real HTTP server on 127.0.0.1 in a separate process, reachable at :attr:`url`.
+    is a real HTTP server on ``host`` (127.0.0.1 unless you ask otherwise) in a separate process, reachable
+    at :attr:`url`. An HTTP datasite's admin gets a fresh random password at start
+    (:attr:`admin_password`): syft's demo credential is refused from then on.
     """
 
-    def __init__(self, name: str, port: int | None = None):
+    def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1"):
         if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z][A-Za-z0-9_-]{0,39}", name):
             raise ValueError(
                 f"owner name must be a short word of letters, digits, '-' or '_', got {name!r}"
@@ -77,13 +81,18 @@ class DataOwner:
             _running[name].shutdown()
         if port is not None and not port_is_free(port):
             raise ValueError(f"port {port} is already in use; pick another or shut that server down")
-        self.name, self.port = name, port
+        self.name, self.port, self.host = name, port, host
+        self.admin_password = ADMIN_PASSWORD
+        self._reviews: dict[str, CodeReview] = {}
         with quiet():
             if port is None:
                 self._handle = sy.orchestra.launch(name=name, reset=True)
-            else:
-                self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host="127.0.0.1")
+            else:  # the server process starts through syft_patches.run_uvicorn, so it runs with our fixes
+                self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
             self.client = self._handle.login(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
+            if port is not None:  # never leave a reachable server on the well-known demo password
+                self.admin_password = secrets.token_urlsafe(24)
+                self.client.account.set_password(self.admin_password, confirm=False)
         _running[name] = self
 
     def __repr__(self) -> str:
@@ -94,7 +103,7 @@ class DataOwner:
     @property
     def url(self) -> str | None:
         """``http://127.0.0.1:<port>`` for an HTTP datasite, ``None`` for an in-memory one."""
-        return None if self.port is None else f"http://127.0.0.1:{self.port}"
+        return None if self.port is None else f"http://{self.host}:{self.port}"
 
     @property
     def is_running(self) -> bool:
@@ -129,6 +138,8 @@ class DataOwner:
                     f"mock of asset {key!r} must match the private data's dtype and per-sample shape: "
                     f"private {real.dtype}{real.shape}, mock {fake.dtype}{fake.shape}"
                 )
+        if name in [d.name for d in self.client.datasets]:  # checked before any private data is stored
+            raise ValueError(f"{self.name} already holds a dataset named {name!r}; pick another name")
         dataset = sy.Dataset(name=name, description=description or f"{name}, held by {self.name}")
         for key in private:
             dataset.add_asset(sy.Asset(name=key, data=np.asarray(private[key]), mock=np.asarray(mock[key])))
@@ -138,7 +149,7 @@ class DataOwner:
 
     # --- people ---------------------------------------------------------------------------------------
     def add_data_scientist(self, email: str, password: str, name: str = "Data Scientist") -> None:
-        """Create an account for a data scientist (a guest: it sees mocks, asks before running code)."""
+        """Create an account with syft's DATA_SCIENTIST role: it sees mocks and asks before running code."""
         self._check_running()
         if "@" not in email or not password:
             raise ValueError("a data scientist needs an email address and a non-empty password")
@@ -159,7 +170,7 @@ class DataOwner:
         with quiet():
             if self.port is None:
                 return self._handle.login(email=email, password=password)
-            return sy.login(url="http://127.0.0.1", port=self.port, email=email, password=password)
+            return sy.login(url=f"http://{self.host}", port=self.port, email=email, password=password)
 
     # --- code requests --------------------------------------------------------------------------------
     def pending_requests(self) -> list:
@@ -167,38 +178,96 @@ class DataOwner:
         self._check_running()
         return [r for r in self.client.requests if str(r.status) == "RequestStatus.PENDING"]
 
-    def _request_for(self, function_name: str):
-        matches = [
+    def _pending_named(self, function_name: str) -> list:
+        return [
             r for r in self.pending_requests()
-            if getattr(r.code, "service_func_name", None) == function_name
+            if any(getattr(c, "service_func_name", None) == function_name for c in _codes_of(r))
         ]
+
+    def _request_for(self, function_name: str):
+        """The one pending request for ``function_name``, checked to carry exactly one code and no more."""
+        matches = self._pending_named(function_name)
         if not matches:
-            waiting = [getattr(r.code, "service_func_name", "?") for r in self.pending_requests()]
+            waiting = [c.service_func_name for r in self.pending_requests() for c in _codes_of(r)]
             raise ValueError(
                 f"{self.name} has no pending request for a function named {function_name!r}; "
                 f"pending: {waiting or 'none'}"
             )
-        return matches[-1]
+        if len(matches) > 1:
+            raise ValueError(
+                f"{self.name} has {len(matches)} pending requests for a function named {function_name!r}; "
+                "they may hold different code, so none is approved: deny them all "
+                f"(deny({function_name!r}, reason)) and ask for one"
+            )
+        request = matches[0]
+        codes = _codes_of(request)
+        if len(request.changes) != 1 or len(codes) != 1:
+            raise ValueError(
+                f"{self.name}'s request for {function_name!r} carries {len(request.changes)} changes "
+                f"(code: {[c.service_func_name for c in codes]}); only a request for exactly one function "
+                "can be reviewed and approved: deny it"
+            )
+        if codes[0].nested_codes:
+            raise ValueError(
+                f"{function_name!r} calls other syft functions ({sorted(codes[0].nested_codes)}), which "
+                "the review would not show; deny it"
+            )
+        return request
 
-    def code_of(self, function_name: str) -> str:
-        """The source code of a pending request, as the owner reviews it."""
-        return self._request_for(function_name).code.raw_code
+    def code_of(self, function_name: str) -> CodeReview:
+        """The pending request for ``function_name`` as the owner reviews it: its inputs, run limit and code.
 
-    def approve(self, function_name: str) -> None:
-        """Approve the pending request to run ``function_name`` on the private data."""
+        The answer is a string (print it) that also records what was shown: the request id and a digest of
+        the code and its policies. :meth:`approve` approves exactly that, or nothing.
+        """
         request = self._request_for(function_name)
+        review = CodeReview.of(request, self)
+        self._reviews[function_name] = review
+        return review
+
+    def approve(self, function_name: str, digest: str | None = None) -> None:
+        """Approve the pending request to run ``function_name`` on the private data, exactly as reviewed.
+
+        Without ``digest`` the request must be the one this owner's last :meth:`code_of` showed, unchanged.
+        With ``digest`` (``review.digest`` of a review of the same function, e.g. on another datasite) the
+        request's code and policies must have that digest. Anything else raises ``ValueError``.
+        """
+        request = self._request_for(function_name)
+        current = CodeReview.of(request, self)
+        reviewed = self._reviews.get(function_name)
+        if digest is None:
+            if reviewed is None:
+                raise ValueError(
+                    f"{self.name} has not reviewed {function_name!r}: read it with "
+                    f"code_of({function_name!r}) first, or pass digest= from the review of the same code"
+                )
+            if reviewed.request_id != current.request_id:
+                raise ValueError(
+                    f"the pending request for {function_name!r} is not the one {self.name} reviewed "
+                    f"(reviewed {reviewed.request_id[:8]}, pending {current.request_id[:8]}); review it again"
+                )
+            digest = reviewed.digest
+        if current.digest != digest:
+            raise ValueError(
+                f"{self.name}'s pending request for {function_name!r} differs from the reviewed code or "
+                f"policies (digest {current.digest[:12]}, reviewed {digest[:12]}); review it again"
+            )
         with quiet():
             result = request.approve()
         if isinstance(result, sy.SyftError):
             raise RuntimeError(f"{self.name} could not approve {function_name!r}: {result.message}")
+        self._reviews.pop(function_name, None)
 
     def deny(self, function_name: str, reason: str) -> None:
-        """Deny the pending request for ``function_name``; the data scientist sees ``reason``."""
-        request = self._request_for(function_name)
-        with quiet():
-            result = request.deny(reason=reason)
-        if isinstance(result, sy.SyftError):
-            raise RuntimeError(f"{self.name} could not deny {function_name!r}: {result.message}")
+        """Deny every pending request for ``function_name``; the data scientist sees ``reason``."""
+        matches = self._pending_named(function_name)
+        if not matches:
+            self._request_for(function_name)  # raises the clear "no pending request" error
+        for request in matches:
+            with quiet():
+                result = request.deny(reason=reason)
+            if isinstance(result, sy.SyftError):
+                raise RuntimeError(f"{self.name} could not deny {function_name!r}: {result.message}")
 
     def runs(self, function_name: str) -> int:
         """How many times ``function_name`` has run on this owner's private data."""
@@ -226,6 +295,62 @@ class DataOwner:
 
     def __exit__(self, *exc) -> None:
         self.shutdown()
+
+
+def _codes_of(request) -> list:
+    """Every piece of code a request would approve: one per code change it carries."""
+    from syft.service.request.request import UserCodeStatusChange
+
+    with quiet():
+        return [c.code for c in request.changes if isinstance(c, UserCodeStatusChange)]
+
+
+def _inputs_of(code, owner: DataOwner) -> dict[str, str]:
+    """What each argument of ``code`` is bound to, in words: an asset of ``owner`` or a data type."""
+    assets = {
+        str(asset.action_id): f"asset {dataset.name}/{asset.name}"
+        for dataset in owner.client.datasets for asset in dataset.assets
+    }
+    described = {}
+    for kwargs in (code.input_policy_init_kwargs or {}).values():
+        for arg, rule in kwargs.items():
+            uid = getattr(rule, "val", rule)
+            if hasattr(rule, "type"):
+                described[arg] = f"any {rule.type.__name__} of the data scientist's"
+            else:
+                described[arg] = assets.get(str(uid), f"object {str(uid)[:8]} (not one of your assets)")
+    return dict(sorted(described.items()))
+
+
+class CodeReview(str):
+    """What an owner was shown of one pending request: prints as a header line and the code.
+
+    ``request_id`` and ``digest`` (SHA-256 of the function name, code, inputs and policies) bind an
+    approval to exactly this request and this code.
+    """
+
+    request_id: str
+    digest: str
+    function_name: str
+
+    @classmethod
+    def of(cls, request, owner: DataOwner) -> CodeReview:
+        code = _codes_of(request)[0]
+        inputs = _inputs_of(code, owner)
+        limits = {k: v for k, v in (code.output_policy_init_kwargs or {}).items() if k != "id"}
+        policies = f"{code.input_policy_type.__name__} {code.output_policy_type.__name__}{limits}"
+        digest = hashlib.sha256(
+            "\0".join([code.service_func_name, code.raw_code, repr(inputs), policies]).encode()
+        ).hexdigest()
+        once = code.output_policy_type.__name__ == "OutputPolicyExecuteOnce"
+        limit = limits.get("limit", 1 if once else None)
+        runs = f"at most {limit} run{'s' * (limit != 1)}" if limit else code.output_policy_type.__name__
+        header = (f"# request {str(request.id)[:8]}: {runs}, digest {digest[:12]}\n# inputs: "
+                  + ", ".join(f"{k} = {v}" for k, v in inputs.items()))
+        review = cls(f"{header}\n{code.raw_code}")
+        review.request_id, review.digest = str(request.id), digest
+        review.function_name = code.service_func_name
+        return review
 
 
 class RemoteError(RuntimeError):
