@@ -299,6 +299,7 @@ def test_a_round_through_syft_datasites():
             clients[name] = owner.login("ds@example.org", "pw")
             for step in (mask_step, confirm_step, unmask_step):
                 secagg.request_step(clients[name], step, rounds=2)
+                owner.code_of(step.__name__)  # the owner reviews, then approves what it reviewed
                 owner.approve(step.__name__)
         steps = dict(zip(("train_and_mask", "confirm_survivors", "reveal_masks"),
                          ("mask_step", "confirm_step", "unmask_step")))
