@@ -1,14 +1,18 @@
-"""Differential privacy: noisy counting queries, DP-SGD with Opacus, and one privacy ledger per data owner.
+"""Differential privacy: noisy counting queries, DP-SGD with Opacus, and DP-FedAvg with owner-side budgets.
 
 * counting queries: :func:`laplace_mechanism`, :func:`gaussian_mechanism` (analytic calibration)
 * DP-SGD: :func:`make_private` wraps a model, an optimizer and tensors with Opacus and returns a
-  :class:`PrivateTraining` whose loop counts its steps and reports the accountant's epsilon
+  :class:`PrivateTraining` whose loop counts its (logical) steps and reports the accountant's epsilon
 * accounting: :func:`epsilon_spent` (epsilon of a list of runs), :class:`PrivacyLedger` (one per owner)
-* federated: :func:`dp_local_update` is an owner's DP training in one FedAvg round; :func:`run_dp_fedavg`
-  runs the rounds through syft and keeps each owner's ledger
+* DP-FedAvg, owner side: :class:`DPPolicy` (the settings an owner fixes, from a noisy record count),
+  :func:`publish_policy`, :func:`approve_dp_training` (checks the code, its inputs and the budget, and
+  charges the ledger), :func:`dp_local_update` (the update that runs on the datasite)
+* DP-FedAvg, data-scientist side: :func:`request_dp_training`, :func:`run_dp_fedavg`
 * plots: :func:`plot_noisy_answers`, :func:`plot_privacy_utility`
 
-Opacus is imported lazily and its warnings (secure RNG off, non-full backward hooks) are silenced here.
+Threat model of DP-FedAvg: the data scientist (aggregator) may be malicious; it chooses only the global
+weights it sends, which the owner checks. Noise comes from numpy/torch generators: fine for a lesson, not
+secure sampling (see Part 3, section 5). Opacus's warnings are silenced here.
 """
 from __future__ import annotations
 
@@ -43,7 +47,8 @@ def _quiet_opacus() -> Iterator[None]:
 
 # --- counting queries -----------------------------------------------------------------------------------
 def _is_number(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
+    numeric = isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool)
+    return numeric and math.isfinite(x)
 
 
 def _check_privacy(epsilon: float, delta: float | None = None, sensitivity: float = 1.0) -> None:
@@ -305,6 +310,8 @@ class PrivateTraining:
         """
         from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+        from .data import normalize
+
         self.model.train()
         total, count, step = 0.0, 0, 0
         manager = BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=PHYSICAL_BATCH,
@@ -313,6 +320,8 @@ class PrivateTraining:
             # mininterval: a few updates a second at most, so that a long run does not flood Jupyter
             bar = tqdm(slices, desc=desc, disable=not progress, leave=False, mininterval=1.0)
             for i, (x, y) in enumerate(bar, 1):
+                if x.dtype == torch.uint8:  # raw digits stay compact in memory: normalized slice by slice
+                    x = normalize(x)
                 self.optimizer.zero_grad(set_to_none=True)
                 if len(y) == 0:  # an empty Poisson batch is still a step: noise only, and it is accounted
                     for p in self.module.parameters():
@@ -386,13 +395,10 @@ def make_private(
     With ``sample_rate`` (and ``noise_multiplier``), the rate, the steps per epoch (``int(1 / rate)``)
     and the divisor of each noisy gradient sum (``batch_size``) are fixed by the caller and do not
     depend on ``len(images)``: what DP-FedAvg needs so that nothing released depends on the exact n.
-    Raw uint8 digits (N, 28, 28) are normalized first.
+    Raw uint8 digits (N, 28, 28) stay raw (a quarter of the memory); each slice is normalized as it is used.
     """
+    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
     _check_data(images, labels)
-    if images.dtype == torch.uint8:
-        from .data import normalize
-
-        images = normalize(images)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier or target_epsilon (with epochs)")
     if target_epsilon is not None:
@@ -405,9 +411,9 @@ def make_private(
         raise ValueError(f"delta must be between 0 and 1 (exclusive), got {delta!r}")
     if sample_rate is not None:
         if target_epsilon is not None or not (_is_number(sample_rate) and 0 < sample_rate <= 1):
-            raise ValueError(f"sample_rate must be in (0, 1] and goes with noise_multiplier, got {sample_rate!r}")
+            raise ValueError(f"sample_rate must be in (0, 1], with noise_multiplier; got {sample_rate!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size (the expected batch size) must be a positive integer, got {batch_size!r}")
+            raise ValueError(f"batch_size (the expected batch) must be a positive int, got {batch_size!r}")
     elif not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
         raise ValueError(f"batch_size must be an integer in [1, {len(images)}], got {batch_size!r}")
     if not max_grad_norm > 0:
@@ -525,7 +531,7 @@ class DPPolicy:
 def publish_policy(owner, ledger: PrivacyLedger, n_records: int, *, noise_multiplier: float,
                    max_grad_norm: float, batch_size: int, epochs: int, lr: float, momentum: float = 0.9,
                    count_noise: float = 50.0, seed=None) -> DPPolicy:
-    """Owner side: release a noisy count of the owner's records, fix the DP settings, put them on the datasite.
+    """Owner side: release a noisy count of the records, fix the DP settings, put them on the datasite.
 
     The count gets Gaussian noise of std ``count_noise`` (a count has sensitivity 1) and is charged on
     ``ledger``; everything else derives from it. The asset's mock is the policy itself: it is public, and
@@ -544,14 +550,14 @@ def publish_policy(owner, ledger: PrivacyLedger, n_records: int, *, noise_multip
 
 
 def gaussian_noise(value: float, std: float, seed=None) -> float:
-    """``value`` plus one draw of N(0, std^2), from numpy: fine for a lesson, not secure sampling (see Part 3)."""
+    """``value`` plus one draw of N(0, std^2), from numpy: fine for a lesson, not secure sampling (Part 3)."""
     if not (_is_number(std) and std > 0):
         raise ValueError(f"std must be a positive number, got {std!r}")
     return float(value + _rng(seed).normal(0.0, std))
 
 
 def dp_train(images, labels, weights, policy):
-    """The DP-FedAvg local update the owners approve: :func:`approve_dp_training` accepts exactly this code."""
+    """The DP-FedAvg local update the owners approve (:func:`approve_dp_training` accepts only this code)."""
     from secure_ai.privacy import dp_local_update
 
     return dp_local_update(images, labels, weights, policy)
@@ -563,7 +569,8 @@ def _check_weights(weights) -> dict[str, np.ndarray]:
         raise ValueError(f"weights must be a dict of arrays, got {type(weights).__name__}")
     expected = {name: tuple(t.shape) for name, t in TanhCNN().state_dict().items()}
     if set(weights) != set(expected):
-        raise ValueError(f"weights must have exactly TanhCNN's names {sorted(expected)}, got {sorted(weights)}")
+        raise ValueError(f"weights must have exactly TanhCNN's names {sorted(expected)}, "
+                         f"got {sorted(weights)}")
     checked = {}
     for name, value in weights.items():
         array = np.asarray(value)
@@ -582,12 +589,11 @@ def dp_local_update(images, labels, weights: Mapping[str, np.ndarray], policy) -
     scientist chooses and is checked. Returns only ``weights`` (DP-trained) and the public ``noisy_count``:
     nothing that depends on the exact number of records.
     """
-    from .data import normalize
     from .training import get_weights, set_weights
 
     policy = policy if isinstance(policy, DPPolicy) else DPPolicy.from_array(policy)
     weights = _check_weights(weights)
-    images = normalize(np.array(images))  # a copy: syft may hand over read-only arrays
+    images = torch.from_numpy(np.array(images, dtype=np.uint8))  # a copy: syft may hand over read-only arrays
     labels = torch.as_tensor(np.asarray(labels), dtype=torch.int64)
     model = set_weights(TanhCNN(), weights)
     optimizer = torch.optim.SGD(model.parameters(), lr=policy.lr, momentum=policy.momentum)
@@ -605,7 +611,8 @@ def _pinned(rule, asset) -> bool:
     return type(rule).__name__ == "Matches" and getattr(rule, "val", None) == asset.action_id
 
 
-def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy, function_name: str = "dp_train") -> int:
+def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy,
+                        function_name: str = "dp_train") -> int:
     """Owner side: approve the data scientist's pending DP-FedAvg request, or deny it and raise.
 
     Approves only a request that carries one code, exactly :func:`dp_train` (the owner's own copy), whose
@@ -619,7 +626,8 @@ def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy, function
 
     from .federated import DATASET
 
-    matches = [r for r in owner.pending_requests() if getattr(r.code, "service_func_name", None) == function_name]
+    matches = [r for r in owner.pending_requests()
+               if getattr(r.code, "service_func_name", None) == function_name]
     if len(matches) != 1:
         raise DPRequestRefused(f"{owner.name}: expected one pending request for {function_name!r}, "
                                f"found {len(matches)}")
@@ -633,8 +641,8 @@ def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy, function
     elif code.raw_code.strip() != inspect.getsource(dp_train).strip():
         reason = "its code is not secure_ai.privacy.dp_train"
     elif (len(rules) != 1 or set(rules[0]) != {"images", "labels", "weights", "policy"}
-          or not (_pinned(rules[0]["images"], assets["images"]) and _pinned(rules[0]["labels"], assets["labels"])
-                  and _pinned(rules[0]["policy"], policy_asset))):
+          or not all(_pinned(rules[0][name], asset) for name, asset in
+                     [("images", assets["images"]), ("labels", assets["labels"]), ("policy", policy_asset)])):
         reason = "its inputs do not pin images, labels and policy to this datasite's assets"
     elif not np.array_equal(DPPolicy.from_array(policy_asset.data).to_array(), policy.to_array()):
         reason = "the policy on the datasite is not the owner's"
@@ -726,12 +734,12 @@ _EPSILON_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 3, 5, 8, 10, 20, 50)
 
 def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], baseline: float | None = None,
                          anchors: Mapping[str, tuple[float, float]] | None = None, log_epsilon: bool = True,
-                         ax=None):
+                         xlabel: str = "epsilon (delta = 1e-5)", ax=None):
     """Test accuracy against epsilon: one line of ``(epsilon, accuracy)`` points per run.
 
     ``baseline`` draws the non-private model's accuracy as a horizontal line; ``anchors`` marks
     published results ``{label: (epsilon, accuracy)}``. Epsilon is on a log scale unless ``log_epsilon``
-    is false.
+    is false. Compare like with like: give every curve and anchor by the same accountant, named in ``xlabel``.
     """
     import matplotlib.pyplot as plt
 
@@ -749,7 +757,7 @@ def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], ba
     for label, (epsilon, accuracy) in (anchors or {}).items():
         ax.plot([epsilon], [accuracy], marker="*", markersize=12, linestyle="none", label=label)
         epsilons.append(epsilon)
-    ax.set(xlabel="epsilon (delta = 1e-5)", ylabel="test accuracy")
+    ax.set(xlabel=xlabel, ylabel="test accuracy")
     if log_epsilon:
         ax.set_xscale("log")
         low, high = min(epsilons), max(epsilons)
