@@ -203,15 +203,25 @@ def test_large_batches_are_computed_in_slices_with_the_same_result(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Full backward hook")
-def test_make_private_normalizes_raw_uint8_digits():
+def test_make_private_keeps_raw_uint8_digits_and_normalizes_each_slice():
+    from secure_ai.data import normalize
+
     raw = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8)
     labels = torch.randint(0, 10, (64,))
     model = dp.TanhCNN()
     private = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), raw, labels,
                               batch_size=16, max_grad_norm=1.0, noise_multiplier=1.0)
     x, _ = private.loader.dataset[:4]
-    assert x.dtype == torch.float32 and x.shape == (4, 1, 28, 28)
+    assert x.dtype == torch.uint8  # kept compact: a quarter of the memory of float32
+    seen = []
+    model.net[0].register_forward_pre_hook(lambda module, args: seen.append(args[0].detach().clone()))
     private.train_epoch(progress=False)
+    extremes = torch.tensor([0, 255], dtype=torch.uint8).view(2, 1, 1).expand(2, 28, 28)
+    lowest, highest = normalize(extremes)[:, 0, 0, 0]
+    seen = [s for s in seen if len(s)]
+    assert seen and all(s.dtype == torch.float32 and s.shape[1:] == (1, 28, 28) for s in seen)
+    assert min(s.min() for s in seen) >= lowest - 1e-6 and max(s.max() for s in seen) <= highest + 1e-6
+    assert max(s.max() for s in seen) > 2  # normalized (255 -> 2.8), not raw 0..255
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -556,7 +566,7 @@ def test_owner_refuses_a_policy_of_the_data_scientists_making(datasite):
     assets = client.datasets["mnist"].assets
     function = sy.syft_function(
         input_policy=sy.MixedInputPolicy(client=client, images=assets["images"], labels=assets["labels"],
-                                         weights=dict, policy=np.ndarray),
+                                         weights=dict, policy=list),
         output_policy=OutputPolicyExecuteCount(limit=1))(dp.dp_train)
     client.code.request_code_execution(function)
     with pytest.raises(dp.DPRequestRefused, match="do not pin"):
