@@ -506,6 +506,9 @@ def test_dp_fedavg_through_syft_is_charged_owner_side(datasite, mnist):
     owner, ledger, policy, client = datasite
     assert ledger.runs == [policy.count_release] and policy.noisy_count != 300
     assert dp.public_policy(client) == policy  # public: the data scientist plans with it
+    visible = client.datasets["mnist"]  # what the data scientist sees of the data: no exact count
+    assert "300" not in visible.description.text
+    assert all(asset.shape[0] != 300 for asset in visible.assets)
     dp.request_dp_training(client, rounds=2)
     assert dp.approve_dp_training(owner, ledger, policy) == 2
     charged = ledger.epsilon
