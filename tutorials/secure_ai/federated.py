@@ -49,7 +49,7 @@ def upload_mnist(owner: DataOwner, images: np.ndarray, labels: np.ndarray, mock_
         DATASET,
         private={"images": np.ascontiguousarray(images), "labels": labels.astype(np.int64)},
         mock={"images": mock_images, "labels": mock_labels.astype(np.int64)},
-        description=f"{len(images)} handwritten digits held by {owner.name}",
+        description=f"handwritten digits held by {owner.name}",  # no count: the exact n is private (Part 3)
     )
 
 
