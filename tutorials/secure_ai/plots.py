@@ -70,3 +70,60 @@ def plot_learning_curves(curves: Mapping[str, Sequence[float]], xlabel: str = "r
     ax.legend()
     ax.figure.tight_layout()
     return ax.figure
+
+
+# --- Part 5: attacks --------------------------------------------------------------------------------------
+def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float | None = None):
+    """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, ssim)}``.
+
+    ``rebuilt[i]`` is the reconstruction paired with ``originals[i]`` and ``ssim[i]`` its quality (shown
+    under it; in bold where it reaches ``threshold``). Shows at most ``n`` digits per row.
+    """
+    if not rows:
+        raise ValueError("rows is empty: pass {title: (originals, reconstructions, ssim)}")
+    cols = min(n, max(len(r[0]) for r in rows.values()))
+    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(cols * 1.0, len(rows) * 2.35), squeeze=False)
+    for k, (title, (originals, rebuilt, quality)) in enumerate(rows.items()):
+        originals, rebuilt = torch.as_tensor(originals), torch.as_tensor(rebuilt)
+        if len(originals) != len(rebuilt) or len(originals) != len(quality):
+            raise ValueError(f"{title!r}: originals, reconstructions and ssim must have the same length")
+        for i in range(cols):
+            top, bottom = axes[2 * k, i], axes[2 * k + 1, i]
+            top.axis("off")
+            bottom.axis("off")
+            if i < len(originals):
+                for ax, image in ((top, originals[i]), (bottom, rebuilt[i])):
+                    ax.imshow(image.reshape(28, 28) * MNIST_STD + MNIST_MEAN, cmap="gray_r", vmin=0, vmax=1)
+                strong = threshold is not None and float(quality[i]) >= threshold
+                bottom.set_title(f"{float(quality[i]):.2f}", fontsize=8,
+                                 fontweight="bold" if strong else "normal")
+        axes[2 * k, 0].set_title(title, loc="left", fontsize=9, x=0)
+    fig.tight_layout()
+    return fig
+
+
+def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, float]] | None = None, ax=None):
+    """ROC curves of membership attacks on log-log axes, where the low false-positive rates are visible.
+
+    ``curves`` maps a label to ``(fpr, tpr)``; ``bounds`` maps a label to ``(epsilon, delta)`` and draws the
+    most any attack can reach against that DP training (dashed). The diagonal is guessing.
+    """
+    from .attacks import dp_tpr_bound
+
+    if not curves:
+        raise ValueError("curves is empty: pass {attack: (fpr, tpr)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4.5))
+    grid = np.logspace(-3, 0, 200)[:-1]
+    ax.plot(grid, grid, color="gray", linestyle=":", label="guessing")
+    for label, (fpr, tpr) in curves.items():
+        ax.plot(np.maximum(fpr, 1e-3), tpr, label=label)
+    for k, (label, (epsilon, delta)) in enumerate((bounds or {}).items()):
+        ax.plot(grid, dp_tpr_bound(grid, epsilon, delta), linestyle="--", color=f"C{len(curves) + k}",
+                label=label)
+    ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false-positive rate",
+           ylabel="true-positive rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.figure.tight_layout()
+    return ax.figure
