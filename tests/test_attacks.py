@@ -109,6 +109,19 @@ def test_ssim_and_psnr_known_values(mnist):
     assert index.tolist() == [3, 2, 1, 0] and torch.allclose(quality, torch.ones(4), atol=1e-5)
 
 
+def test_ssim_and_psnr_match_torchmetrics(mnist):
+    from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
+
+    (x, _), _ = mnist
+    noisy = x[:16] + torch.randn(16, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    for a, b in [(noisy, x[:16]), (x[16:32], x[:16])]:
+        pa, pb = at.to_pixels(a), at.to_pixels(b)
+        reference = structural_similarity_index_measure(pa, pb, data_range=1.0, reduction="none")
+        assert torch.allclose(at.ssim(a, b), reference, atol=1e-5)
+        reference = peak_signal_noise_ratio(pa, pb, data_range=1.0, reduction="none", dim=(1, 2, 3))
+        assert torch.allclose(at.psnr(a, b), reference, atol=1e-4)
+
+
 def test_quality_rejects_bad_input(mnist):
     (x, _), _ = mnist
     with pytest.raises(ValueError, match="shape mismatch"):

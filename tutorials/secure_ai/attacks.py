@@ -5,7 +5,7 @@
   al. 2020; with counts for larger batches, as in Wainakh et al. 2022)
 * images: :func:`invert_gradient` optimises dummy digits until their gradient matches (DLG, Zhu et al. 2019,
   with the cosine distance and total-variation prior of Geiping et al. 2020)
-* quality: :func:`ssim` and :func:`psnr` (torchmetrics), :func:`match_reconstructions` pairs each
+* quality: :func:`ssim` and :func:`psnr`, :func:`match_reconstructions` pairs each
   original digit with its best reconstruction
 * membership: :func:`loss_scores` (Yeom et al. 2018), :func:`shadow_confidences` and :func:`lira_scores`
   (a small likelihood-ratio attack in the spirit of LiRA, Carlini et al. 2022)
@@ -212,24 +212,45 @@ def _pair(reconstructed: torch.Tensor, original: torch.Tensor) -> tuple[torch.Te
     return to_pixels(reconstructed), to_pixels(original)
 
 
+def _gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
+    offsets = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
+    window = torch.exp(-offsets**2 / (2 * sigma**2))
+    return window / window.sum()
+
+
+def _blur(images: torch.Tensor, window: torch.Tensor) -> torch.Tensor:
+    """Gaussian-weighted local means around every pixel (borders mirrored)."""
+    k = len(window)
+    images = nn.functional.pad(images, [(k - 1) // 2] * 4, mode="reflect")
+    out = nn.functional.conv2d(images, window.view(1, 1, k, 1))
+    return nn.functional.conv2d(out, window.view(1, 1, 1, k))
+
+
 def ssim(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Structural similarity (Wang et al. 2004) of each pair of normalized digits, in pixel space.
+    """Structural similarity (Wang et al. 2004) of each pair of normalized digits, in pixel space [0, 1].
 
-    1 means identical; around 0 means unrelated (noise). torchmetrics' implementation, with its standard
-    11x11 Gaussian window (sigma 1.5). Returns one value per image.
+    1 means identical; around 0 means unrelated (noise). The standard parameters: an 11x11 Gaussian
+    window with sigma 1.5, K1 = 0.01, K2 = 0.03, averaged over every pixel with mirrored borders, as
+    torchmetrics computes it (the tests compare the two; importing torchmetrics would cost a notebook
+    260 MB). Returns one value per image.
     """
-    from torchmetrics.functional.image import structural_similarity_index_measure
-
-    x, y = _pair(reconstructed, original)
-    return structural_similarity_index_measure(x, y, data_range=1.0, reduction="none")
+    x, y = (t.double() for t in _pair(reconstructed, original))
+    window = _gaussian_window()
+    c1, c2 = 0.01**2, 0.03**2  # (K * data range)^2, data range 1
+    mu_x, mu_y = _blur(x, window), _blur(y, window)
+    var_x = (_blur(x * x, window) - mu_x**2).clamp(min=0)
+    var_y = (_blur(y * y, window) - mu_y**2).clamp(min=0)
+    cov = _blur(x * y, window) - mu_x * mu_y
+    index = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
+    return index.mean(dim=(1, 2, 3)).float()
 
 
 def psnr(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB of each pair of normalized digits, in pixel space (peak 1)."""
-    from torchmetrics.functional.image import peak_signal_noise_ratio
-
+    """Peak signal-to-noise ratio in dB of each pair of normalized digits, in pixel space (peak 1):
+    ``10 log10(1 / mean squared error)``; infinite for identical images."""
     x, y = _pair(reconstructed, original)
-    return peak_signal_noise_ratio(x, y, data_range=1.0, reduction="none", dim=(1, 2, 3))
+    mse = ((x.double() - y.double()) ** 2).mean(dim=(1, 2, 3))
+    return (10 * torch.log10(1 / mse)).float()
 
 
 def match_reconstructions(reconstructed: torch.Tensor,
