@@ -235,3 +235,27 @@ def test_membership_metrics_reject_bad_input():
         at.roc_curve([np.nan], [1.0])
     with pytest.raises(ValueError, match="epsilon"):
         at.dp_tpr_bound(0.1, -1.0, 1e-5)
+
+
+def test_margins():
+    assert at.binomial_margin(0.5, 100) == pytest.approx(3 * 0.05)
+    assert at.binomial_margin(0.0, 100) == pytest.approx(0.03)  # one more hit out of 100, times 3
+    assert at.auc_margin(500, 500) == pytest.approx(3 * math.sqrt(1001 / (12 * 500 * 500)))
+    with pytest.raises(ValueError):
+        at.binomial_margin(0.1, 0)
+
+
+def test_attack_membership_and_round_costs(mnist):
+    (x, y), (tx, ty) = mnist
+    train = lambda images, labels, seed: _train(images, labels, epochs=1, seed=seed, hidden=16)
+    result = at.attack_membership(train, x[:60], y[:60], (tx[:100], ty[:100]), n_shadows=2, progress=False)
+    assert result.member.sum() == 30 and set(result.scores) == {"loss threshold", "LiRA"}
+    assert 0 <= result.auc("LiRA") <= 1 and 0 <= result.accuracy <= 1
+    with pytest.raises(ValueError, match="unknown attack"):
+        result.auc("oracle")
+    update = lambda private: torch.ones(1000) * (2.0 if private else 1.0)
+    costs = at.round_costs(update, n_samples=10, repeat=1)
+    assert costs["plain FedAvg"]["bytes vs plain"] == 1 and costs["plain FedAvg"]["time vs plain"] == 1
+    assert costs["secure aggregation (masks)"]["bytes"] == 1001 * 8  # [n * w, n] as 64-bit ring elements
+    assert costs["CKKS"]["bytes vs plain"] > costs["secure aggregation (masks)"]["bytes vs plain"]
+    assert all(c["seconds"] > 0 for c in costs.values())
