@@ -259,3 +259,25 @@ def test_attack_membership_and_round_costs(mnist):
     assert costs["secure aggregation (masks)"]["bytes"] == 1001 * 8  # [n * w, n] as 64-bit ring elements
     assert costs["CKKS"]["bytes vs plain"] > costs["secure aggregation (masks)"]["bytes vs plain"]
     assert all(c["seconds"] > 0 for c in costs.values())
+
+
+def test_plots_of_the_chapter():
+    from secure_ai import plots
+
+    x = torch.zeros(5, 1, 28, 28)
+    fig = plots.plot_reconstructions({"a": (x, x, torch.tensor([0.1, 0.9, 0.2, 0.3, 0.4])),
+                                      "b": (x[:1], x[:1], torch.tensor([0.5]))}, n=4, threshold=0.8)
+    assert len([ax for ax in fig.axes if ax.images]) == 2 * (4 + 1)
+    labels = [ax.title for ax in fig.axes if ax.get_title()]
+    assert [t.get_text() for t in labels] == ["0.10", "0.90", "0.20", "0.30", "0.50"]
+    assert [t.get_fontweight() for t in labels][:2] == ["normal", "bold"]
+    with pytest.raises(ValueError, match="same length"):
+        plots.plot_reconstructions({"a": (x, x[:2], [0.1])})
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_reconstructions({})
+    fig = plots.plot_roc({"attack": (np.array([0, 0.5, 1]), np.array([0, 0.7, 1]))}, {"bound": (1.0, 1e-5)})
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 3  # guessing, the attack, the bound
+    assert np.allclose(lines[2].get_ydata(), at.dp_tpr_bound(lines[2].get_xdata(), 1.0, 1e-5))
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_roc({})

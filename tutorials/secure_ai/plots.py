@@ -77,28 +77,30 @@ def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float
     """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, ssim)}``.
 
     ``rebuilt[i]`` is the reconstruction paired with ``originals[i]`` and ``ssim[i]`` its quality (shown
-    under it; in bold where it reaches ``threshold``). Shows at most ``n`` digits per row.
+    above it; in bold where it reaches ``threshold``). Shows at most ``n`` digits per row.
     """
     if not rows:
         raise ValueError("rows is empty: pass {title: (originals, reconstructions, ssim)}")
     cols = min(n, max(len(r[0]) for r in rows.values()))
-    fig, axes = plt.subplots(2 * len(rows), cols, figsize=(cols * 1.0, len(rows) * 2.35), squeeze=False)
+    cell, gap, title_h, label_h = 0.85, 0.1, 0.3, 0.22  # inches
+    block = title_h + 2 * cell + label_h + 0.15
+    width, height = max(cols * (cell + gap) + gap, 5.0), len(rows) * block
+    fig = plt.figure(figsize=(width, height))
     for k, (title, (originals, rebuilt, quality)) in enumerate(rows.items()):
         originals, rebuilt = torch.as_tensor(originals), torch.as_tensor(rebuilt)
         if len(originals) != len(rebuilt) or len(originals) != len(quality):
             raise ValueError(f"{title!r}: originals, reconstructions and ssim must have the same length")
-        for i in range(cols):
-            top, bottom = axes[2 * k, i], axes[2 * k + 1, i]
-            top.axis("off")
-            bottom.axis("off")
-            if i < len(originals):
-                for ax, image in ((top, originals[i]), (bottom, rebuilt[i])):
-                    ax.imshow(image.reshape(28, 28) * MNIST_STD + MNIST_MEAN, cmap="gray_r", vmin=0, vmax=1)
-                strong = threshold is not None and float(quality[i]) >= threshold
-                bottom.set_title(f"{float(quality[i]):.2f}", fontsize=8,
-                                 fontweight="bold" if strong else "normal")
-        axes[2 * k, 0].set_title(title, loc="left", fontsize=9, x=0)
-    fig.tight_layout()
+        top = height - k * block
+        fig.text(gap / width, (top - 0.22) / height, title, fontsize=9)
+        for i in range(min(cols, len(originals))):
+            left = (gap + i * (cell + gap)) / width
+            for row, image in ((0, originals[i]), (1, rebuilt[i])):
+                bottom = top - title_h - cell - row * (cell + label_h)
+                ax = fig.add_axes((left, bottom / height, cell / width, cell / height))
+                ax.imshow(image.reshape(28, 28) * MNIST_STD + MNIST_MEAN, cmap="gray_r", vmin=0, vmax=1)
+                ax.axis("off")
+            strong = threshold is not None and float(quality[i]) >= threshold
+            ax.set_title(f"{float(quality[i]):.2f}", fontsize=8, fontweight="bold" if strong else "normal")
     return fig
 
 
