@@ -108,7 +108,8 @@ def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, floa
     """ROC curves of membership attacks on log-log axes, where the low false-positive rates are visible.
 
     ``curves`` maps a label to ``(fpr, tpr)``; ``bounds`` maps a label to ``(epsilon, delta)`` and draws the
-    most any attack can reach against that DP training (dashed). The diagonal is guessing.
+    most any attack can reach against that DP training (dashed, in the colour of the curve in the same
+    position). The diagonal is guessing.
     """
     from .attacks import dp_tpr_bound
 
@@ -118,11 +119,10 @@ def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, floa
         _, ax = plt.subplots(figsize=(5.5, 4.5))
     grid = np.logspace(-3, 0, 200)[:-1]
     ax.plot(grid, grid, color="gray", linestyle=":", label="guessing")
-    for label, (fpr, tpr) in curves.items():
-        ax.plot(np.maximum(fpr, 1e-3), tpr, label=label)
-    for k, (label, (epsilon, delta)) in enumerate((bounds or {}).items()):
-        ax.plot(grid, dp_tpr_bound(grid, epsilon, delta), linestyle="--", color=f"C{len(curves) + k}",
-                label=label)
+    for k, (label, (fpr, tpr)) in enumerate(curves.items()):
+        ax.plot(np.maximum(fpr, 1e-3), tpr, color=f"C{k}", label=label)
+    for k, (label, (epsilon, delta)) in enumerate((bounds or {}).items()):  # k-th bound: k-th curve's colour
+        ax.plot(grid, dp_tpr_bound(grid, epsilon, delta), linestyle="--", color=f"C{k}", label=label)
     ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false-positive rate",
            ylabel="true-positive rate")
     ax.grid(alpha=0.3)
