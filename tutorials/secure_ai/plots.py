@@ -70,3 +70,62 @@ def plot_learning_curves(curves: Mapping[str, Sequence[float]], xlabel: str = "r
     ax.legend()
     ax.figure.tight_layout()
     return ax.figure
+
+
+# --- Part 5: attacks --------------------------------------------------------------------------------------
+def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float | None = None):
+    """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, ssim)}``.
+
+    ``rebuilt[i]`` is the reconstruction paired with ``originals[i]`` and ``ssim[i]`` its quality (shown
+    above it; in bold where it reaches ``threshold``). Shows at most ``n`` digits per row.
+    """
+    if not rows:
+        raise ValueError("rows is empty: pass {title: (originals, reconstructions, ssim)}")
+    cols = min(n, max(len(r[0]) for r in rows.values()))
+    cell, gap, title_h, label_h = 0.85, 0.1, 0.3, 0.22  # inches
+    block = title_h + 2 * cell + label_h + 0.15
+    width, height = max(cols * (cell + gap) + gap, 5.0), len(rows) * block
+    fig = plt.figure(figsize=(width, height))
+    for k, (title, (originals, rebuilt, quality)) in enumerate(rows.items()):
+        originals, rebuilt = torch.as_tensor(originals), torch.as_tensor(rebuilt)
+        if len(originals) != len(rebuilt) or len(originals) != len(quality):
+            raise ValueError(f"{title!r}: originals, reconstructions and ssim must have the same length")
+        top = height - k * block
+        fig.text(gap / width, (top - 0.22) / height, title, fontsize=9)
+        for i in range(min(cols, len(originals))):
+            left = (gap + i * (cell + gap)) / width
+            for row, image in ((0, originals[i]), (1, rebuilt[i])):
+                bottom = top - title_h - cell - row * (cell + label_h)
+                ax = fig.add_axes((left, bottom / height, cell / width, cell / height))
+                ax.imshow(image.reshape(28, 28) * MNIST_STD + MNIST_MEAN, cmap="gray_r", vmin=0, vmax=1)
+                ax.axis("off")
+            strong = threshold is not None and float(quality[i]) >= threshold
+            ax.set_title(f"{float(quality[i]):.2f}", fontsize=8, fontweight="bold" if strong else "normal")
+    return fig
+
+
+def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, float]] | None = None, ax=None):
+    """ROC curves of membership attacks on log-log axes, where the low false-positive rates are visible.
+
+    ``curves`` maps a label to ``(fpr, tpr)``; ``bounds`` maps a label to ``(epsilon, delta)`` and draws the
+    most any attack can reach against that DP training (dashed, in the colour of the curve in the same
+    position). The diagonal is guessing.
+    """
+    from .attacks import dp_tpr_bound
+
+    if not curves:
+        raise ValueError("curves is empty: pass {attack: (fpr, tpr)}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(5.5, 4.5))
+    grid = np.logspace(-3, 0, 200)[:-1]
+    ax.plot(grid, grid, color="gray", linestyle=":", label="guessing")
+    for k, (label, (fpr, tpr)) in enumerate(curves.items()):
+        ax.plot(np.maximum(fpr, 1e-3), tpr, color=f"C{k}", label=label)
+    for k, (label, (epsilon, delta)) in enumerate((bounds or {}).items()):  # k-th bound: k-th curve's colour
+        ax.plot(grid, dp_tpr_bound(grid, epsilon, delta), linestyle="--", color=f"C{k}", label=label)
+    ax.set(xscale="log", yscale="log", xlim=(1e-3, 1), ylim=(1e-3, 1.05), xlabel="false-positive rate",
+           ylabel="true-positive rate")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower right")
+    ax.figure.tight_layout()
+    return ax.figure
