@@ -121,7 +121,8 @@ class RoundRecord:
     dropped: dict[str, str] = field(default_factory=dict)    # owner -> why it is not in the average
     late: list[str] = field(default_factory=list)            # no answer by the deadline (a subset of dropped)
     seconds: float = 0.0
-    owner_seconds: dict[str, float] = field(default_factory=dict)
+    owner_seconds: dict[str, float] = field(default_factory=dict)   # each answered call, as the caller saw it
+    metrics: dict[str, dict] = field(default_factory=dict)   # the numbers in each valid reply (loss, ...)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -259,6 +260,8 @@ class Federation:
                 record.dropped[name] = _reason(error)
                 continue
             record.owner_seconds[name] = seconds
+            record.metrics[name] = {k: float(v) for k, v in reply.items()
+                                    if isinstance(v, int | float | np.number) and not isinstance(v, bool)}
             record.answered[name] = n
             updates.append(update)
             counts.append(n)
