@@ -11,6 +11,7 @@ One concern per module:
 * :mod:`secure_ai.privacy` - noise mechanisms, DP-SGD with Opacus, per-owner privacy ledgers (Part 3)
 * :mod:`secure_ai.secret_sharing` - additive secret sharing and pairwise masks for secure aggregation (Part 4)
 * :mod:`secure_ai.encryption` - CKKS homomorphic encryption of model updates with TenSEAL (Part 4)
+* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM; owner processes (Part 6)
 * :mod:`secure_ai.syft_patches` - the three syft 0.9.5 bugs we fix, in one place
 * :mod:`secure_ai.quiet` - hides syft's log noise
 * :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)

@@ -55,6 +55,7 @@ def train_local_epoch(images, labels, weights):
     from secure_ai.training import model_to_vector, train_epoch
 
     start = time.perf_counter()
+    torch.set_num_threads(1)  # a small model: one thread, so that owners sharing a machine do not thrash
     model, m = checked_model(weights, min_batch_size=16, max_lr=0.5)
     optimizer = torch.optim.SGD(model.parameters(), lr=m["lr"], momentum=m["momentum"])
     loss = train_epoch(model, torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)),
@@ -177,6 +178,16 @@ def _run_in_thread(function: Callable, *args) -> Future:
     return future
 
 
+def _run_inline(function: Callable, *args) -> Future:
+    """``function(*args)`` in this thread, as a finished future (a new thread per call costs memory)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:  # noqa: BLE001 - handed to the round, which records it
+        future.set_exception(error)
+    return future
+
+
 class Federation:
     """The data scientist's view of N owners: concurrent rounds, a deadline, client sampling, a log.
 
@@ -240,6 +251,9 @@ class Federation:
                 if busy is not None and not busy[1].done():
                     record.dropped[name] = f"still busy with round {busy[0]}"
                     continue
+                if not self.concurrent and self.deadline is None:  # nothing to time out: run it right here
+                    futures[name] = _run_inline(self._timed, name, full)
+                    continue
                 futures[name] = _run_in_thread(self._timed, name, full)
                 if not self.concurrent:  # one after another: wait for this owner before asking the next
                     wait([futures[name]], timeout=self._left(tic))
@@ -248,7 +262,7 @@ class Federation:
         updates, counts = [], []
         for name, future in futures.items():
             if not future.done():
-                record.dropped[name] = f"no answer within the {self.deadline:g} s deadline"
+                record.dropped[name] = f"no answer within the {self.deadline:.3g} s deadline"
                 record.late.append(name)
                 self._in_flight[name] = (record.round, future)
                 continue
