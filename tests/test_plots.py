@@ -52,3 +52,16 @@ def test_learning_curves_one_line_per_run():
     assert ticks and all(float(t).is_integer() for t in ticks)  # no "round 1.5"
     with pytest.raises(ValueError):
         plots.plot_learning_curves({})
+
+
+def test_plot_label_shares_draws_one_panel_per_split_with_shares_per_digit():
+    from secure_ai import plots
+
+    fig = plots.plot_label_shares({"a": [[0, 0, 1], [1, 2]], "b": [[3], [3, 4], [5]]})
+    assert len(fig.axes) == 2
+    shares = fig.axes[0].images[0].get_array()
+    assert shares.shape == (2, 10)
+    np.testing.assert_allclose(shares[:, 1], [0.5, 0.5])      # digit 1: one sample each
+    np.testing.assert_allclose(shares[:, 0], [1.0, 0.0])      # digit 0: all with owner 0
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_label_shares({})

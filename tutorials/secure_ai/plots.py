@@ -129,3 +129,18 @@ def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, floa
     ax.legend(fontsize=7, loc="lower right")
     ax.figure.tight_layout()
     return ax.figure
+
+
+def plot_label_shares(splits: Mapping[str, Sequence[Sequence[int]]], n_classes: int = 10):
+    """One panel per split: owners (rows) x digits (columns), shaded by each owner's share of that digit."""
+    if not splits:
+        raise ValueError("splits is empty: pass {split name: [labels of owner 0, labels of owner 1, ...]}")
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.2 * len(splits), 3.0), squeeze=False)
+    for ax, (name, owners) in zip(axes[0], splits.items()):
+        counts = np.array([np.bincount(np.asarray(o, dtype=np.int64), minlength=n_classes)[:n_classes]
+                           for o in owners], dtype=float)
+        ax.imshow(counts / counts.sum(0, keepdims=True).clip(min=1), cmap="Blues", vmin=0, aspect="auto")
+        ax.set(title=name, xlabel="digit", xticks=range(n_classes), yticks=range(len(owners)))
+        ax.set_ylabel("owner")
+    fig.tight_layout()
+    return fig

@@ -1,0 +1,254 @@
+"""secure_ai.scale: concurrent rounds, deadlines, dropouts and cheating owners; real HTTP owners killed."""
+import threading
+import time
+
+import numpy as np
+import psutil
+import pytest
+from secure_ai import data, scale
+from secure_ai import federated as fl
+from secure_ai import training as tr
+from secure_ai.workers import TEMP_ROOT, DataOwner, port_is_free
+
+RECIPE = {"model": "mlp", "lr": 0.05, "momentum": 0.0, "batch_size": 32, "seed": 3}
+EMAIL, PASSWORD = "ds@example.org", "scale-tests"
+SIZE = sum(p.numel() for p in tr.MLP().parameters())
+
+
+def start_vector(seed=0):
+    tr.set_seed(seed)
+    return tr.model_to_vector(tr.MLP()).numpy()
+
+
+def fixed(vector, n, log=None, name=None):
+    """A fake owner that answers ``vector`` with ``n`` samples (and notes what it was sent)."""
+    def train(message):
+        if log is not None:
+            log[name] = message
+        return {"weights": {"vector": np.asarray(vector, dtype=np.float32)}, "n_samples": n}
+    return train
+
+
+def failing(message):
+    raise ConnectionError("server went away")
+
+
+# --- the round's logic, on owners simulated in this process ---------------------------------------------
+def test_concurrent_round_equals_sequential_and_the_owners_own_fedavg():
+    images, labels = data.mnist_raw(True)
+    shards = {"a": slice(0, 300), "b": slice(300, 500), "c": slice(500, 600)}   # unequal: weights matter
+    trainers = {k: scale.local_trainer(scale.train_local_epoch, images[s], labels[s])
+                for k, s in shards.items()}
+    w0 = start_vector()
+    together, rec1 = scale.Federation(trainers).round(w0, RECIPE)
+    apart, rec2 = scale.Federation(trainers, concurrent=False).round(w0, RECIPE)
+    np.testing.assert_allclose(together, apart, atol=1e-6)
+    replies = [scale.train_local_epoch(images[s], labels[s], {**RECIPE, "vector": w0})
+               for s in shards.values()]
+    expected = tr.fedavg([r["weights"]["vector"] for r in replies], [300, 200, 100]).numpy()
+    np.testing.assert_allclose(together, expected, atol=1e-6)
+    assert rec1.answered == rec2.answered == {"a": 300, "b": 200, "c": 100} and not rec1.dropped
+    assert not np.allclose(together, w0)
+
+
+def test_weights_are_the_survivors_counts_and_drops_are_recorded():
+    ones, threes = np.ones(SIZE), np.full(SIZE, 3.0)
+    fed = scale.Federation({"a": fixed(ones, 100), "b": failing, "c": fixed(threes, 300)})
+    new, record = fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    np.testing.assert_allclose(new, 2.5)                  # (100 * 1 + 300 * 3) / 400, b not counted
+    assert record.answered == {"a": 100, "c": 300}
+    assert record.weights == {"a": 0.25, "c": 0.75}
+    assert record.dropped == {"b": "ConnectionError: server went away"} and record.late == []
+    assert scale.dropouts(fed.records) == {"b": [1]}
+
+
+@pytest.mark.parametrize("reply, why", [
+    ({"weights": {"vector": np.full(SIZE, np.nan, np.float32)}, "n_samples": 10}, "NaN"),
+    ({"weights": {"vector": np.ones(5, np.float32)}, "n_samples": 10}, "shape"),
+    ({"weights": {"vector": np.ones(SIZE)}, "n_samples": 10}, "float32"),
+    ({"weights": {"vector": np.ones(SIZE, np.float32)}, "n_samples": 10**9}, "declared 50"),
+    ({"weights": {"vector": np.ones(SIZE, np.float32)}, "n_samples": -1}, "positive"),
+    ({"weights": {"vector": np.ones(SIZE, np.float32)}, "n_samples": True}, "positive"),
+    ("all my data", "dict"),
+])
+def test_a_cheating_owner_is_dropped_and_never_enters_the_average(reply, why):
+    # Malicious owner: a forged reply (bad weights, or a huge count to dominate the average) is refused.
+    cheat = lambda message: reply
+    cheat.max_samples = 50
+    fed = scale.Federation({"honest": fixed(np.ones(SIZE), 40), "cheat": cheat})
+    new, record = fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    np.testing.assert_array_equal(new, np.ones(SIZE, np.float32))
+    assert record.answered == {"honest": 40} and why in record.dropped["cheat"]
+
+
+def test_a_deadline_that_passes_does_not_hang_and_the_straggler_comes_back():
+    release = threading.Event()
+    log = {}
+
+    def slow(message):
+        release.wait(60)                                  # a frozen owner: answers only when released
+        return fixed(np.full(SIZE, 9.0), 1000)(message)
+
+    slow.max_samples = 1000
+    fed = scale.Federation({"fast": fixed(np.ones(SIZE), 10, log, "fast"), "slow": slow}, deadline=0.5)
+    tic = time.perf_counter()
+    new, record = fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    assert time.perf_counter() - tic < 5
+    np.testing.assert_array_equal(new, np.ones(SIZE, np.float32))    # the late answer is not waited for
+    assert record.late == ["slow"] and "deadline" in record.dropped["slow"]
+    new, record = fed.round(new, RECIPE)                               # still busy: not asked twice
+    assert record.dropped == {"slow": "still busy with round 1"}
+    release.set()
+    assert fed.settle(timeout=5) == []
+    new, record = fed.round(np.zeros(SIZE, np.float32), RECIPE)       # back: used again
+    assert record.answered == {"fast": 10, "slow": 1000} and not record.dropped
+    np.testing.assert_allclose(new, (10 + 9 * 1000) / 1010, rtol=1e-6)
+    assert [len(r.answered) for r in fed.records] == [1, 1, 2]
+    assert log["fast"]["seed"] == RECIPE["seed"] and log["fast"]["vector"].shape == (SIZE,)
+
+
+def test_a_round_where_everybody_fails_keeps_the_model():
+    fed = scale.Federation({"a": failing, "b": failing})
+    w0 = np.arange(SIZE, dtype=np.float32)
+    new, record = fed.round(w0, RECIPE)
+    np.testing.assert_array_equal(new, w0)
+    assert set(record.dropped) == {"a", "b"} and record.answered == {}
+
+
+def test_client_sampling_asks_a_fraction_of_the_owners_reproducibly():
+    log = {}
+    trainers = {f"o{i}": fixed(np.ones(SIZE), 10, log, f"o{i}") for i in range(10)}
+    picks = []
+    for _ in range(2):
+        fed = scale.Federation(trainers, fraction=0.3, seed=7)
+        picks.append([fed.round(np.zeros(SIZE, np.float32), RECIPE)[1].sampled for _ in range(4)])
+    assert picks[0] == picks[1] and all(len(p) == 3 for p in picks[0])
+    assert len({tuple(p) for p in picks[0]}) > 1                     # a new sample every round
+    assert set(log) == set().union(*picks[0])
+
+
+def test_server_momentum_is_fedavgm():
+    target = np.full(SIZE, 1.0)
+    fed = scale.Federation({"a": fixed(target, 5)}, server_momentum=0.5)
+    w0 = np.zeros(SIZE, np.float32)
+    w1, _ = fed.round(w0, RECIPE)          # v = w0 - avg = -1; w1 = w0 - v = 1
+    w2, _ = fed.round(w1, RECIPE)          # v = 0.5 * -1 + (1 - 1) = -0.5; w2 = 1.5
+    np.testing.assert_allclose(w1, 1.0)
+    np.testing.assert_allclose(w2, 1.5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"trainers": {}}, "at least one data owner"),
+    ({"deadline": 0}, "deadline"),
+    ({"deadline": -1.0}, "deadline"),
+    ({"deadline": float("nan")}, "deadline"),
+    ({"fraction": 0}, r"fraction .* \(0, 1\]"),
+    ({"fraction": 1.5}, r"fraction"),
+    ({"server_momentum": 1.0}, "server_momentum"),
+    ({"trainers": {"a": "not callable"}}, "callable"),
+])
+def test_bad_settings_raise_clear_errors(kwargs, match):
+    trainers = kwargs.pop("trainers", {"a": failing})
+    with pytest.raises(ValueError, match=match):
+        scale.Federation(trainers, **kwargs)
+
+
+def test_local_trainer_and_model_shape_are_checked():
+    with pytest.raises(ValueError, match="as many labels"):
+        scale.local_trainer(scale.train_local_epoch, np.zeros((3, 28, 28), np.uint8), np.zeros(2))
+    with pytest.raises(ValueError, match="flat vector"):
+        scale.Federation({"a": failing}).round(np.zeros((2, 2)), RECIPE)
+
+
+def test_free_port_is_free():
+    port = scale.free_port()
+    assert 1024 <= port <= 65535
+
+
+# --- real HTTP owners, real processes ---------------------------------------------------------------------
+def start_http_owner(name, lo, hi, runs=6):
+    images, labels = data.mnist_raw(True)
+    owner = DataOwner(name, port=scale.free_port())
+    fl.upload_mnist(owner, images[lo:hi], labels[lo:hi], mock_size=8)
+    owner.add_data_scientist(EMAIL, PASSWORD)
+    client = owner.login(EMAIL, PASSWORD)
+    fl.request_training(client, scale.train_local_epoch, rounds=runs)
+    owner.code_of("train_local_epoch")
+    owner.approve("train_local_epoch")
+    return owner, client
+
+
+def left_behind(owner, pid):
+    """What of a shut-down HTTP owner is still there: its process, its port, its folder."""
+    from syft.server.utils import get_named_server_uid
+
+    left = []
+    if psutil.pid_exists(pid) and psutil.Process(pid).status() != psutil.STATUS_ZOMBIE:
+        left.append(f"process {pid}")
+    if not port_is_free(owner.port):
+        left.append(f"port {owner.port}")
+    if (TEMP_ROOT / str(get_named_server_uid(owner.name))).exists():
+        left.append("temp folder")
+    return left
+
+
+@pytest.fixture(scope="module")
+def web_owner():
+    owner, client = start_http_owner("scale-a", 0, 200)
+    pid = scale.server_process(owner).pid
+    yield owner, client
+    owner.shutdown()
+    assert left_behind(owner, pid) == []
+
+
+def test_concurrent_http_round_equals_sequential_and_local(web_owner):
+    owner_a, client_a = web_owner
+    owner_b, client_b = start_http_owner("scale-b", 200, 320)
+    pid_b = scale.server_process(owner_b).pid
+    try:
+        trainers = {"a": scale.remote_trainer(client_a, "train_local_epoch", max_samples=200),
+                    "b": scale.remote_trainer(client_b, "train_local_epoch", max_samples=120)}
+        w0 = start_vector(1)
+        together, record = scale.Federation(trainers).round(w0, RECIPE)
+        apart, _ = scale.Federation(trainers, concurrent=False).round(w0, RECIPE)
+        assert record.answered == {"a": 200, "b": 120}, record.dropped
+        np.testing.assert_allclose(together, apart, atol=1e-6)
+        images, labels = data.mnist_raw(True)
+        local = {"a": scale.local_trainer(scale.train_local_epoch, images[:200], labels[:200]),
+                 "b": scale.local_trainer(scale.train_local_epoch, images[200:320], labels[200:320])}
+        np.testing.assert_allclose(together, scale.Federation(local).round(w0, RECIPE)[0], atol=1e-6)
+    finally:
+        owner_b.shutdown()
+    assert left_behind(owner_b, pid_b) == []
+
+
+def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_owner):
+    owner_a, client_a = web_owner
+    victim, client_v = start_http_owner("scale-victim", 320, 400)
+    pid = scale.server_process(victim).pid
+    try:
+        fed = scale.Federation({"a": scale.remote_trainer(client_a, "train_local_epoch"),
+                                "victim": scale.remote_trainer(client_v, "train_local_epoch")}, deadline=120)
+        scale.pause_owner(victim)                          # its call will hang until ...
+        killer = threading.Timer(2.0, scale.kill_owner, [victim])  # ... its process is killed, mid-round
+        killer.start()
+        tic = time.perf_counter()
+        new, record = fed.round(start_vector(2), RECIPE)
+        killer.join()
+        assert time.perf_counter() - tic < 100            # ended by the kill, not by the deadline
+        assert record.answered == {"a": 200} and record.late == []
+        assert "Connection" in record.dropped["victim"], record.dropped
+        assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+        # the run goes on: the next round, with the survivor only, starts from the completed round
+        newer, record2 = fed.round(new, RECIPE)
+        assert record2.answered == {"a": 200} and "victim" in record2.dropped
+        assert scale.dropouts(fed.records) == {"victim": [1, 2]} and not np.allclose(newer, new)
+    finally:
+        victim.shutdown()
+    assert left_behind(victim, pid) == []
+
+
+def test_helpers_refuse_an_in_memory_owner():
+    with DataOwner("scale-mem") as owner:
+        with pytest.raises(ValueError, match="in memory"):
+            scale.kill_owner(owner)

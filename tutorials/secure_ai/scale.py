@@ -1,0 +1,400 @@
+"""Federated rounds at scale: owners trained at the same time, a deadline per round, dropouts recorded.
+
+A :class:`Federation` holds one *trainer* per data owner: a callable ``message -> reply``. For a real owner
+it is :func:`remote_trainer` (an approved syft function on the owner's datasite, in-process or over HTTP);
+for a cheap simulation it is :func:`local_trainer` (the same training function run here on a shard). Both go
+through the same round: dispatch to a sample of owners at once (one daemon thread per call: syft's client
+calls are blocking HTTP), wait until every sampled owner answered or the deadline passed, check every reply,
+and average the valid ones weighted by their sample counts (FedAvg), optionally with server momentum
+(FedAvgM, Hsu et al. 2019). Each round leaves a :class:`RoundRecord`: who was asked, who answered with how
+many samples, who was dropped and why, whose answer came too late.
+
+Threat model of the aggregation: owners are honest-but-unreliable (they crash, stall, come back), and a
+reply is untrusted input: a reply that is not a finite float32 vector of the model's size, or that claims
+more samples than the owner declared at setup (``max_samples``), is dropped and recorded; it never enters
+the average. A malicious owner can still send a wrong update of the right form; robust aggregation is out
+of scope here.
+
+Also here: the process behind an HTTP owner (:func:`server_process`), and real failures for the lessons
+and tests: :func:`kill_owner` (SIGKILL) and :func:`pause_owner` / :func:`resume_owner` (SIGSTOP/SIGCONT, a
+straggler). :func:`free_port` asks the OS for a free port: never hard-code ports.
+"""
+from __future__ import annotations
+
+import atexit
+import inspect
+import math
+import signal
+import socket
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, wait
+from dataclasses import dataclass, field
+
+import numpy as np
+import psutil
+
+from .quiet import quiet
+from .training import fedavg, model_to_vector, vector_to_model
+from .workers import DataOwner, RemoteError, _clean, shutdown_all, sy
+
+Trainer = Callable[[Mapping], Mapping]
+_paused: set[int] = set()  # pids this process stopped with SIGSTOP and has not resumed
+
+
+# --- training code that runs on an owner's datasite (syft sends its source: it imports what it uses) -----
+def train_local_epoch(images, labels, weights):
+    """One local epoch of SGD on the owner's digits, within the owner's bounds on the message."""
+    import time
+
+    import numpy as np
+    import torch
+
+    from secure_ai.federated import checked_model
+    from secure_ai.training import model_to_vector, train_epoch
+
+    start = time.perf_counter()
+    torch.set_num_threads(1)  # a small model: one thread, so that owners sharing a machine do not thrash
+    model, m = checked_model(weights, min_batch_size=16, max_lr=0.5)
+    optimizer = torch.optim.SGD(model.parameters(), lr=m["lr"], momentum=m["momentum"])
+    loss = train_epoch(model, torch.from_numpy(np.array(images)), torch.from_numpy(np.array(labels)),
+                       optimizer, batch_size=m["batch_size"], seed=m["seed"], progress=False)
+    return {"weights": {"vector": model_to_vector(model).numpy()}, "n_samples": len(labels), "loss": loss,
+            "train_s": time.perf_counter() - start}
+
+
+# --- trainers ----------------------------------------------------------------------------------------------
+def remote_trainer(client, function_name: str, max_samples: int | None = None) -> Trainer:
+    """A trainer that runs the approved ``function_name`` on ``client``'s datasite (``mnist`` assets).
+
+    ``max_samples``: the count the owner declared (syft shows the data scientist only the mock's shape);
+    a reply that claims more is dropped.
+
+    Safe to call from a worker thread: unlike :func:`secure_ai.workers.call` it does not redirect the
+    process's output (the round does that once, in the main thread).
+    """
+    from .federated import DATASET
+
+    if getattr(client.code, function_name, None) is None:
+        raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_training")
+    assets = client.datasets[DATASET].assets
+    inputs = {"images": assets["images"], "labels": assets["labels"]}
+
+    def train(message: Mapping) -> Mapping:
+        from syft.types.errors import SyftException
+
+        try:
+            result = getattr(client.code, function_name)(**inputs, weights=dict(message))
+            value = result.get() if isinstance(result, sy.ActionObject) else result
+        except SyftException as error:
+            raise RemoteError(_clean(error.public_message)) from None
+        if isinstance(value, sy.SyftError):
+            raise RemoteError(_clean(value.message))
+        return value
+
+    train.max_samples = max_samples
+    return train
+
+
+def local_trainer(function: Callable, images, labels) -> Trainer:
+    """A trainer that runs ``function(images, labels, message)`` here: a simulation of one owner."""
+    images, labels = np.asarray(images), np.asarray(labels)
+    if len(images) == 0 or len(images) != len(labels):
+        raise ValueError(f"a local owner needs as many labels as images (> 0), got {len(images)} and "
+                         f"{len(labels)}")
+
+    def train(message: Mapping) -> Mapping:
+        return function(images, labels, dict(message))
+
+    train.max_samples = len(labels)
+    return train
+
+
+# --- one round, and its record -----------------------------------------------------------------------------
+@dataclass
+class RoundRecord:
+    """What happened in one round, for the data scientist's log."""
+
+    round: int
+    sampled: list[str]
+    answered: dict[str, int] = field(default_factory=dict)   # owner -> samples its update is weighted by
+    dropped: dict[str, str] = field(default_factory=dict)    # owner -> why it is not in the average
+    late: list[str] = field(default_factory=list)            # no answer by the deadline (a subset of dropped)
+    seconds: float = 0.0
+    owner_seconds: dict[str, float] = field(default_factory=dict)   # each answered call, as the caller saw it
+    metrics: dict[str, dict] = field(default_factory=dict)   # the numbers in each valid reply (loss, ...)
+
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each survivor's share of the average: its sample count over the survivors' total."""
+        total = sum(self.answered.values())
+        return {name: n / total for name, n in self.answered.items()}
+
+    def row(self) -> dict:
+        """One table row: round, who answered, who dropped and why, seconds."""
+        return {"round": self.round, "sampled": len(self.sampled),
+                "answered (samples)": ", ".join(f"{k} ({v})" for k, v in self.answered.items()) or "-",
+                "dropped": "; ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "-",
+                "seconds": round(self.seconds, 2)}
+
+
+def _check_reply(reply, size: int, cap: int | None) -> tuple[np.ndarray, int]:
+    """``(vector, n_samples)`` of an owner's reply, or ``ValueError`` saying what is wrong with it."""
+    if not isinstance(reply, Mapping) or not isinstance(reply.get("weights"), Mapping):
+        raise ValueError(f"reply must be a dict with 'weights': {{'vector': ...}}, got "
+                         f"{type(reply).__name__}")
+    vector, n = reply["weights"].get("vector"), reply.get("n_samples")
+    if not (isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (size,)):
+        raise ValueError(f"weights must be a float32 vector of shape ({size},), got "
+                         f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}")
+    if not np.isfinite(vector).all():
+        raise ValueError("weights hold NaN or infinite values")
+    if isinstance(n, bool) or not isinstance(n, int | np.integer) or n < 1:
+        raise ValueError(f"n_samples must be a positive integer, got {n!r}")
+    if cap is not None and n > cap:
+        raise ValueError(f"claims {n} samples but declared {cap} at setup")
+    return vector, int(n)
+
+
+def _reason(error: BaseException) -> str:
+    text = str(error).strip().splitlines()[0] if str(error).strip() else ""
+    text = text if len(text) <= 100 else text[:97] + "..."
+    return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _run_in_thread(function: Callable, *args) -> Future:
+    """``function(*args)`` in a daemon thread: a call stuck on a frozen server never blocks Python's exit."""
+    future: Future = Future()
+
+    def target():
+        if future.set_running_or_notify_cancel():
+            try:
+                future.set_result(function(*args))
+            except BaseException as error:  # noqa: BLE001 - handed to the round, which records it
+                future.set_exception(error)
+
+    threading.Thread(target=target, daemon=True, name="secure-ai-round").start()
+    return future
+
+
+def _run_inline(function: Callable, *args) -> Future:
+    """``function(*args)`` in this thread, as a finished future (a new thread per call costs memory)."""
+    future: Future = Future()
+    try:
+        future.set_result(function(*args))
+    except Exception as error:  # noqa: BLE001 - handed to the round, which records it
+        future.set_exception(error)
+    return future
+
+
+class Federation:
+    """The data scientist's view of N owners: concurrent rounds, a deadline, client sampling, a log.
+
+    ``deadline`` (seconds, or ``None`` for none) bounds how long a round waits; ``fraction`` is McMahan's C,
+    the share of owners asked each round (at least one); ``server_momentum`` > 0 turns FedAvg into FedAvgM;
+    ``concurrent=False`` calls the owners one after another (for comparison). ``max_samples`` caps the
+    count each owner may claim (default: what its trainer declares, e.g. its dataset size).
+    """
+
+    def __init__(self, trainers: Mapping[str, Trainer], *, deadline: float | None = None,
+                 fraction: float = 1.0, server_momentum: float = 0.0, server_lr: float = 1.0,
+                 concurrent: bool = True, max_samples: Mapping[str, int] | None = None, seed: int = 0):
+        if not isinstance(trainers, Mapping) or not trainers:
+            raise ValueError("a federation needs at least one data owner: pass {name: trainer}")
+        for name, trainer in trainers.items():
+            if not callable(trainer):
+                raise ValueError(f"trainer of {name!r} must be callable (remote_trainer or local_trainer)")
+        if deadline is not None and not (isinstance(deadline, int | float) and deadline > 0
+                                         and math.isfinite(deadline)):
+            raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
+        if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
+            raise ValueError(f"fraction (owners asked per round) must be in (0, 1], got {fraction!r}")
+        if not 0 <= server_momentum < 1:
+            raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
+        if not server_lr > 0:
+            raise ValueError(f"server_lr must be positive, got {server_lr!r}")
+        self.trainers = dict(trainers)
+        self.deadline, self.fraction, self.concurrent = deadline, float(fraction), concurrent
+        self.server_momentum, self.server_lr = float(server_momentum), float(server_lr)
+        self.max_samples = {name: getattr(t, "max_samples", None) for name, t in self.trainers.items()}
+        self.max_samples |= dict(max_samples or {})
+        self.records: list[RoundRecord] = []
+        self._rng = np.random.default_rng(seed)
+        self._velocity: np.ndarray | None = None
+        self._in_flight: dict[str, tuple[int, Future]] = {}
+
+    def sample(self) -> list[str]:
+        """This round's owners: ``max(1, round(fraction * N))`` of them, drawn without replacement."""
+        names = list(self.trainers)
+        if self.fraction == 1.0:
+            return names
+        m = max(1, round(self.fraction * len(names)))
+        return sorted(self._rng.choice(names, size=m, replace=False).tolist(), key=names.index)
+
+    def round(self, vector: np.ndarray, message: Mapping) -> tuple[np.ndarray, RoundRecord]:
+        """Send ``{"vector": vector, **message}`` to this round's owners; aggregate who answered in time.
+
+        Returns ``(new global vector, record)``. With no valid answer the global vector is kept as it was
+        (the record says why), so a run survives a round where everybody failed.
+        """
+        vector = np.asarray(vector, dtype=np.float32)
+        if vector.ndim != 1:
+            raise ValueError(f"the global model must be a flat vector, got shape {vector.shape}")
+        record = RoundRecord(round=len(self.records) + 1, sampled=self.sample())
+        full = {**message, "vector": vector}
+        tic = time.perf_counter()
+        futures = {}
+        with quiet():  # once, in this thread: syft's prints from the worker threads are swallowed too
+            for name in record.sampled:
+                busy = self._in_flight.get(name)
+                if busy is not None and not busy[1].done():
+                    record.dropped[name] = f"still busy with round {busy[0]}"
+                    continue
+                if not self.concurrent and self.deadline is None:  # nothing to time out: run it right here
+                    futures[name] = _run_inline(self._timed, name, full)
+                    continue
+                futures[name] = _run_in_thread(self._timed, name, full)
+                if not self.concurrent:  # one after another: wait for this owner before asking the next
+                    wait([futures[name]], timeout=self._left(tic))
+            wait(futures.values(), timeout=self._left(tic))
+        record.seconds = time.perf_counter() - tic
+        updates, counts = [], []
+        for name, future in futures.items():
+            if not future.done():
+                record.dropped[name] = f"no answer within the {self.deadline:.3g} s deadline"
+                record.late.append(name)
+                self._in_flight[name] = (record.round, future)
+                continue
+            self._in_flight.pop(name, None)
+            try:
+                reply, seconds = future.result()
+                update, n = _check_reply(reply, len(vector), self.max_samples.get(name))
+            except Exception as error:  # noqa: BLE001 - an owner's failure is recorded, not raised
+                record.dropped[name] = _reason(error)
+                continue
+            record.owner_seconds[name] = seconds
+            record.metrics[name] = {k: float(v) for k, v in reply.items()
+                                    if isinstance(v, int | float | np.number) and not isinstance(v, bool)}
+            record.answered[name] = n
+            updates.append(update)
+            counts.append(n)
+        self.records.append(record)
+        if not updates:
+            return vector, record
+        return self._apply(vector, fedavg(updates, counts).numpy()), record
+
+    def _left(self, tic: float) -> float | None:
+        return None if self.deadline is None else max(self.deadline - (time.perf_counter() - tic), 0.0)
+
+    def _timed(self, name: str, message: Mapping):
+        tic = time.perf_counter()
+        reply = self.trainers[name](message)
+        return reply, time.perf_counter() - tic
+
+    def _apply(self, vector: np.ndarray, average: np.ndarray) -> np.ndarray:
+        """FedAvg (momentum 0, lr 1: the average itself) or FedAvgM's server step."""
+        if self.server_momentum == 0 and self.server_lr == 1:
+            return average.astype(np.float32)
+        delta = vector.astype(np.float64) - average
+        self._velocity = delta if self._velocity is None else self.server_momentum * self._velocity + delta
+        return (vector - self.server_lr * self._velocity).astype(np.float32)
+
+    def step(self, recipe: Mapping, seed: int = 0) -> Callable:
+        """A ``step(model, r)`` for :func:`secure_ai.federated.run_rounds`: one round from the model."""
+
+        def step(model, r):
+            new, record = self.round(model_to_vector(model).numpy(), {**recipe, "seed": seed + r})
+            vector_to_model(new, model)
+            return {"answered": len(record.answered), "dropped": len(record.dropped)}
+
+        return step
+
+    def settle(self, timeout: float = 30.0) -> list[str]:
+        """Wait up to ``timeout`` s for late answers still in flight; returns the owners still busy after."""
+        pending = [f for _, f in self._in_flight.values()]
+        with quiet():
+            wait(pending, timeout=timeout)
+        self._in_flight = {k: v for k, v in self._in_flight.items() if not v[1].done()}
+        return sorted(self._in_flight)
+
+    def table(self) -> list[dict]:
+        """The log, one row per round (``pandas.DataFrame(federation.table())``)."""
+        return [record.row() for record in self.records]
+
+
+# --- owners as processes -----------------------------------------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that the OS says is free right now (other programs may run servers at the same time)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def server_process(owner: DataOwner) -> psutil.Process:
+    """The operating-system process that serves an HTTP owner's datasite."""
+    if owner.port is None:
+        raise ValueError(f"{owner.name} runs in memory, inside this process: start it with a port")
+    if not owner.is_running:
+        raise ValueError(f"{owner.name} has been shut down")
+    process = inspect.getclosurevars(owner._handle.shutdown).nonlocals.get("server_process")
+    if process is None or process.pid is None:
+        raise RuntimeError(f"cannot find the server process of {owner.name} (syft's launcher changed?)")
+    return psutil.Process(process.pid)
+
+
+def memory_mb(owner: DataOwner) -> float:
+    """Resident memory of an HTTP owner's server process, in MB."""
+    return server_process(owner).memory_info().rss / 1e6
+
+
+def kill_owner(owner: DataOwner) -> int:
+    """Really kill an HTTP owner's server (SIGKILL, as a crash or a pulled plug); returns its pid.
+
+    The :class:`DataOwner` stays registered, so :func:`secure_ai.workers.shutdown_all` still removes its
+    files; its port is free again.
+    """
+    process = server_process(owner)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    _paused.discard(process.pid)
+    return process.pid
+
+
+def pause_owner(owner: DataOwner) -> int:
+    """Freeze an HTTP owner's server (SIGSTOP): it accepts nothing until :func:`resume_owner`."""
+    process = server_process(owner)
+    process.send_signal(signal.SIGSTOP)
+    _paused.add(process.pid)
+    return process.pid
+
+
+def resume_owner(owner: DataOwner) -> int:
+    """Let a paused owner's server run again (SIGCONT); it then answers what it was asked."""
+    process = server_process(owner)
+    process.send_signal(signal.SIGCONT)
+    _paused.discard(process.pid)
+    return process.pid
+
+
+def stop_everything() -> None:
+    """Resume any paused server (so it can stop cleanly), then shut every owner down and delete its files."""
+    for pid in list(_paused):
+        try:
+            psutil.Process(pid).send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+        _paused.discard(pid)
+    shutdown_all()
+
+
+def dropouts(records: Sequence[RoundRecord]) -> dict[str, list[int]]:
+    """Rounds each owner was left out of: ``{owner: [round, ...]}`` (only owners that were)."""
+    out: dict[str, list[int]] = {}
+    for record in records:
+        for name in record.dropped:
+            out.setdefault(name, []).append(record.round)
+    return out
+
+
+atexit.register(stop_everything)  # runs before workers' shutdown_all (atexit is last-in, first-out)
