@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from tools.book import title_of  # noqa: E402
 from tools.execute import execute  # noqa: E402
 
-GB = 2**30
+GB = 1e9  # decimal gigabytes, as the budgets are stated
 
 
 def duration(seconds: float) -> str:

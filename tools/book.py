@@ -84,7 +84,7 @@ def _cost(chapter: Chapter) -> str:
         return "not executed with <code>make run</code>"
     minutes, seconds = divmod(round(chapter.run_time_s), 60)
     took = f"{minutes} min {seconds:02d} s" if minutes else f"{seconds} s"
-    memory = f", peak memory {chapter.peak_memory_mb / 1024:.1f} GB" if chapter.peak_memory_mb else ""
+    memory = f", peak memory {chapter.peak_memory_mb / 1000:.1f} GB" if chapter.peak_memory_mb else ""
     return f"runs in {took}{memory}"
 
 

@@ -199,7 +199,7 @@ def execute(path: Path, output: Path | None = None, timeout: int = 900) -> Run:
             cell.metadata[STAMP] = {"source": source_hash(cell.source)}
     nb.metadata[STAMP] = {
         "run_time_s": round(seconds, 1),
-        "peak_memory_mb": round(peak / 2**20) if peak else None,
+        "peak_memory_mb": round(peak / 1e6) if peak else None,
         "executed": time.strftime("%Y-%m-%d"),
     }
     nbformat.write(nb, Path(output) if output else path)
@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         except CellExecutionError as error:
             print(f"{error}\n{notebook.name} failed (see the cell above); it was not saved.", file=sys.stderr)
             return 1
-        peak = f"{run.peak_bytes / 2**30:.2f} GB" if run.peak_bytes else "unknown"
+        peak = f"{run.peak_bytes / 1e9:.2f} GB" if run.peak_bytes else "unknown"
         print(f"   {run.seconds:.0f} s, peak memory {peak} (kernel and its children)", flush=True)
     return 0
 
