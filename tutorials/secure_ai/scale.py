@@ -37,7 +37,7 @@ import psutil
 
 from .quiet import quiet
 from .training import fedavg, model_to_vector, vector_to_model
-from .workers import DataOwner, RemoteError, _clean, shutdown_all, sy
+from .workers import DataOwner, call_unsilenced, shutdown_all
 
 Trainer = Callable[[Mapping], Mapping]
 _paused: set[int] = set()  # pids this process stopped with SIGSTOP and has not resumed
@@ -82,16 +82,7 @@ def remote_trainer(client, function_name: str, max_samples: int | None = None) -
     inputs = {"images": assets["images"], "labels": assets["labels"]}
 
     def train(message: Mapping) -> Mapping:
-        from syft.types.errors import SyftException
-
-        try:
-            result = getattr(client.code, function_name)(**inputs, weights=dict(message))
-            value = result.get() if isinstance(result, sy.ActionObject) else result
-        except SyftException as error:
-            raise RemoteError(_clean(error.public_message)) from None
-        if isinstance(value, sy.SyftError):
-            raise RemoteError(_clean(value.message))
-        return value
+        return call_unsilenced(getattr(client.code, function_name), **inputs, weights=dict(message))
 
     train.max_samples = max_samples
     return train

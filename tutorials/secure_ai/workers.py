@@ -375,14 +375,23 @@ def call(function, **kwargs):
     Raises :class:`RemoteError` with the owner's reason when the request was denied, is still pending,
     or has used up its approved runs.
     """
+    with quiet():
+        return call_unsilenced(function, **kwargs)
+
+
+def call_unsilenced(function, **kwargs):
+    """:func:`call` without hiding syft's output, for calls made from several threads at once.
+
+    :func:`secure_ai.quiet.quiet` swaps the process-wide ``sys.stdout``, which is not safe from threads: a
+    caller that runs calls concurrently silences them once, around all of them (see :mod:`secure_ai.scale`).
+    """
     from syft.types.errors import SyftException
 
-    with quiet():
-        try:
-            result = function(**kwargs)
-            value = result.get() if isinstance(result, sy.ActionObject) else result
-        except SyftException as error:
-            raise RemoteError(_clean(error.public_message)) from None
+    try:
+        result = function(**kwargs)
+        value = result.get() if isinstance(result, sy.ActionObject) else result
+    except SyftException as error:
+        raise RemoteError(_clean(error.public_message)) from None
     if isinstance(value, sy.SyftError):
         raise RemoteError(_clean(value.message))
     return value
