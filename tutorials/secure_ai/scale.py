@@ -74,12 +74,11 @@ def remote_trainer(client, function_name: str, max_samples: int | None = None) -
     Safe to call from a worker thread: unlike :func:`secure_ai.workers.call` it does not redirect the
     process's output (the round does that once, in the main thread).
     """
-    from .federated import DATASET
+    from .federated import _asset_kwargs
 
     if getattr(client.code, function_name, None) is None:
         raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_training")
-    assets = client.datasets[DATASET].assets
-    inputs = {"images": assets["images"], "labels": assets["labels"]}
+    inputs = _asset_kwargs(client, None)  # the images and labels, as federated.train_remotely passes them
 
     def train(message: Mapping) -> Mapping:
         return call_unsilenced(getattr(client.code, function_name), **inputs, weights=dict(message))
