@@ -66,6 +66,27 @@ def test_mnist_tensors_are_shared_but_not_kept_alive_by_the_cache(mnist, tmp_pat
     assert again.shape == (10000, 1, 28, 28) and again.dtype == torch.float32
 
 
+def test_mnist_raw_is_shared_but_not_kept_alive_by_the_cache(tmp_path):
+    """Memory: a notebook that copies the raw digits into tensors does not also pay for the cache's 55 MB."""
+    import gc
+    import weakref
+
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.MNIST_FILES:
+        source = next((data.data_root() / "MNIST" / "raw").glob(f"{name}*"))
+        (raw / source.name).symlink_to(source)
+    images, labels = data.mnist_raw(False, root=tmp_path)
+    assert data.mnist_raw(False, root=tmp_path)[0] is images      # shared while held
+    dead = weakref.ref(images), weakref.ref(labels)
+    first = images[:3].copy()
+    del images, labels
+    gc.collect()
+    assert dead[0]() is None and dead[1]() is None, "the cache keeps the raw arrays alive"
+    again, _ = data.mnist_raw(False, root=tmp_path)                  # read again, the same digits
+    assert np.array_equal(again[:3], first) and not again.flags.writeable
+
+
 def test_direct_idx_reading_matches_torchvision(mnist):
     images, labels = data.mnist_raw(False)
     dataset = data.load_mnist(train=False, download=False)

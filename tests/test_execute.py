@@ -70,3 +70,32 @@ def test_a_failing_notebook_is_reported_and_not_saved(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "ZeroDivisionError" in err and "fails.ipynb failed" in err and "not saved" in err
     assert path.read_text() == before
+
+
+def test_memory_sampler_counts_children_without_eating_a_core(monkeypatch):
+    """Children's USS (about 20 ms each to read) is re-read at most once per ``children_interval``; the
+    kernel's own RSS every sample. Reading it every 0.1 s took 60% of a core with three owner servers."""
+    import subprocess
+    import sys
+
+    import psutil
+
+    from tools.execute import MemorySampler
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        reads = []
+        original = psutil.Process.memory_full_info
+        monkeypatch.setattr(psutil.Process, "memory_full_info",
+                            lambda self: reads.append(self.pid) or original(self))
+        sampler = MemorySampler(psutil.Process().pid, children_interval=60.0)
+        first = sampler.rss(fresh=True)                       # after a cell: read everything
+        assert child.pid in reads and first > psutil.Process().memory_info().rss
+        reads.clear()
+        for _ in range(50):                                   # the 0.1 s samples in between
+            sampler.rss(fresh=False)
+        assert reads == []
+        assert sampler.rss(fresh=True) > 0 and reads == [child.pid]
+    finally:
+        child.kill()
+        child.wait()

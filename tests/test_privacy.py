@@ -96,6 +96,20 @@ def test_batchnorm_is_refused_with_the_fix_in_the_message():
 
 
 # --- DP-SGD -----------------------------------------------------------------------------------------------
+def test_a_trained_model_keeps_no_per_sample_gradients():
+    """Opacus leaves the last slice's per-sample gradients on the parameters; a finished epoch drops them."""
+    images, labels = small_data()
+    model = dp.TanhCNN()
+    private = dp.make_private(model, torch.optim.SGD(model.parameters(), lr=0.1), images, labels,
+                              batch_size=32, max_grad_norm=1.0, noise_multiplier=1.0)
+    private.train_epoch(progress=False)
+    for name, p in model.named_parameters():
+        assert getattr(p, "grad_sample", None) is None, name
+        assert getattr(p, "summed_grad", None) is None and p.grad is None, name
+    private.train_epoch(progress=False)   # and the next epoch still trains
+    assert private.steps == 2 * len(private.loader)
+
+
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_reported_epsilon_is_the_accountants_for_the_steps_taken(accountant):
     tr.set_seed(0)

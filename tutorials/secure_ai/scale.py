@@ -36,6 +36,7 @@ import numpy as np
 import psutil
 
 from .quiet import quiet
+from .runtime import release_memory
 from .training import fedavg, model_to_vector, vector_to_model
 from .workers import DataOwner, call_unsilenced, shutdown_all
 
@@ -270,6 +271,7 @@ class Federation:
             updates.append(update)
             counts.append(n)
         self.records.append(record)
+        release_memory()  # the worker threads' malloc arenas keep what their calls freed
         if not updates:
             return vector, record
         return self._apply(vector, fedavg(updates, counts).numpy()), record
