@@ -45,16 +45,22 @@ def test_mnist_raw_is_compact_and_read_only(mnist):
     assert torch.equal(data.normalize(torch.from_numpy(images[:5].copy())), mnist[0][0][:5])
 
 
+def own_root(folder):
+    """A data root of its own (links to the real files): the session's `mnist` fixture holds the usual one."""
+    raw = folder / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in data.MNIST_FILES:
+        source = next((data.data_root() / "MNIST" / "raw").glob(f"{name}*"))
+        (raw / source.name).symlink_to(source)
+    return folder
+
+
 def test_mnist_tensors_are_shared_but_not_kept_alive_by_the_cache(mnist, tmp_path):
     """Memory: the 31 MB (test) or 188 MB (train) float copy lives only while a notebook holds it."""
     import gc
     import weakref
 
-    raw = tmp_path / "MNIST" / "raw"  # a root of its own: the session's `mnist` fixture holds the usual one
-    raw.mkdir(parents=True)
-    for name in data.MNIST_FILES:
-        source = next((data.data_root() / "MNIST" / "raw").glob(f"{name}*"))
-        (raw / source.name).symlink_to(source)
+    tmp_path = own_root(tmp_path)
     images, labels = data.mnist_tensors(False, root=tmp_path)
     assert data.mnist_tensors(False, root=tmp_path)[0] is images  # shared while held
     assert torch.equal(images, mnist[1][0])
@@ -71,11 +77,7 @@ def test_mnist_raw_is_shared_but_not_kept_alive_by_the_cache(tmp_path):
     import gc
     import weakref
 
-    raw = tmp_path / "MNIST" / "raw"
-    raw.mkdir(parents=True)
-    for name in data.MNIST_FILES:
-        source = next((data.data_root() / "MNIST" / "raw").glob(f"{name}*"))
-        (raw / source.name).symlink_to(source)
+    tmp_path = own_root(tmp_path)
     images, labels = data.mnist_raw(False, root=tmp_path)
     assert data.mnist_raw(False, root=tmp_path)[0] is images      # shared while held
     dead = weakref.ref(images), weakref.ref(labels)
