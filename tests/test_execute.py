@@ -95,7 +95,7 @@ def test_memory_sampler_counts_children_without_eating_a_core(monkeypatch):
         for _ in range(50):                                   # the 0.1 s samples in between
             sampler.rss(fresh=False)
         assert reads == []
-        assert sampler.rss(fresh=True) > 0 and reads == [child.pid]
+        assert sampler.rss(fresh=True) > 0 and reads.count(child.pid) == 1   # (other children may exist)
     finally:
         child.kill()
         child.wait()
