@@ -1,4 +1,5 @@
 """secure_ai.scale: concurrent rounds, deadlines, dropouts and cheating owners; real HTTP owners killed."""
+import contextlib
 import threading
 import time
 
@@ -166,7 +167,10 @@ def test_free_port_is_free():
 
 
 # --- real HTTP owners, real processes ---------------------------------------------------------------------
-def start_http_owner(name, lo, hi, runs=6):
+@contextlib.contextmanager
+def http_owner(name, lo, hi, runs=6):
+    """An HTTP owner with digits lo..hi and an approved ``train_local_epoch``: ``(owner, client, pid)``.
+    Shut down on the way out, where nothing of it may be left behind (when the body did not fail)."""
     images, labels = data.mnist_raw(True)
     owner = DataOwner(name, port=scale.free_port())
     fl.upload_mnist(owner, images[lo:hi], labels[lo:hi], mock_size=8)
@@ -175,7 +179,12 @@ def start_http_owner(name, lo, hi, runs=6):
     fl.request_training(client, scale.train_local_epoch, rounds=runs)
     owner.code_of("train_local_epoch")
     owner.approve("train_local_epoch")
-    return owner, client
+    pid = scale.server_process(owner).pid
+    try:
+        yield owner, client, pid
+    finally:
+        owner.shutdown()
+    assert left_behind(owner, pid) == []
 
 
 def left_behind(owner, pid):
@@ -194,18 +203,13 @@ def left_behind(owner, pid):
 
 @pytest.fixture(scope="module")
 def web_owner():
-    owner, client = start_http_owner("scale-a", 0, 200)
-    pid = scale.server_process(owner).pid
-    yield owner, client
-    owner.shutdown()
-    assert left_behind(owner, pid) == []
+    with http_owner("scale-a", 0, 200) as (owner, client, _):
+        yield owner, client
 
 
 def test_concurrent_http_round_equals_sequential_and_local(web_owner):
     owner_a, client_a = web_owner
-    owner_b, client_b = start_http_owner("scale-b", 200, 320)
-    pid_b = scale.server_process(owner_b).pid
-    try:
+    with http_owner("scale-b", 200, 320) as (owner_b, client_b, _):
         trainers = {"a": scale.remote_trainer(client_a, "train_local_epoch", max_samples=200),
                     "b": scale.remote_trainer(client_b, "train_local_epoch", max_samples=120)}
         w0 = start_vector(1)
@@ -217,16 +221,11 @@ def test_concurrent_http_round_equals_sequential_and_local(web_owner):
         local = {"a": scale.local_trainer(scale.train_local_epoch, images[:200], labels[:200]),
                  "b": scale.local_trainer(scale.train_local_epoch, images[200:320], labels[200:320])}
         np.testing.assert_allclose(together, scale.Federation(local).round(w0, RECIPE)[0], atol=1e-6)
-    finally:
-        owner_b.shutdown()
-    assert left_behind(owner_b, pid_b) == []
 
 
 def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_owner):
     owner_a, client_a = web_owner
-    victim, client_v = start_http_owner("scale-victim", 320, 400)
-    pid = scale.server_process(victim).pid
-    try:
+    with http_owner("scale-victim", 320, 400) as (victim, client_v, pid):
         fed = scale.Federation({"a": scale.remote_trainer(client_a, "train_local_epoch"),
                                 "victim": scale.remote_trainer(client_v, "train_local_epoch")}, deadline=120)
         scale.pause_owner(victim)                          # its call will hang until ...
@@ -243,9 +242,6 @@ def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_own
         newer, record2 = fed.round(new, RECIPE)
         assert record2.answered == {"a": 200} and "victim" in record2.dropped
         assert scale.dropouts(fed.records) == {"victim": [1, 2]} and not np.allclose(newer, new)
-    finally:
-        victim.shutdown()
-    assert left_behind(victim, pid) == []
 
 
 def test_helpers_refuse_an_in_memory_owner():
