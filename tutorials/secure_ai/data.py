@@ -94,15 +94,27 @@ def _find_raw(root: Path, name: str) -> Path | None:
     return next((p for p in (folder / name, folder / f"{name}.gz") if p.is_file()), None)
 
 
+# (train, root) -> weak references to (images, labels): calls share one copy while anyone holds it, and the
+# cache keeps nothing alive by itself
 _raw: dict[tuple[bool, str], tuple[weakref.ref, weakref.ref]] = {}
+_tensors: dict[tuple[bool, str], tuple[weakref.ref, weakref.ref]] = {}
 
 
-def _cached_raw(train: bool, root: str) -> tuple[np.ndarray, np.ndarray]:
-    """The raw arrays, shared by every caller while anyone holds them; read again from disk after that
-    (47 MB in about 0.05 s), so that a notebook that keeps only its own copy does not pay twice."""
-    images, labels = (ref() for ref in _raw.get((train, root), (lambda: None, lambda: None)))
-    if images is not None and labels is not None:
-        return images, labels
+def _key(train: bool, root: str | Path | None) -> tuple[bool, str]:
+    return bool(train), str(Path(root).resolve() if root is not None else data_root())
+
+
+def _shared(cache: dict, key: tuple[bool, str], load):
+    """The pair cached under ``key`` while anyone still holds it, else ``load()``'s (then cached weakly)."""
+    pair = tuple(ref() for ref in cache.get(key, ()))
+    if len(pair) == 2 and all(item is not None for item in pair):
+        return pair
+    pair = load()
+    cache[key] = tuple(weakref.ref(item) for item in pair)
+    return pair
+
+
+def _read_raw(train: bool, root: str) -> tuple[np.ndarray, np.ndarray]:
     prefix = "train" if train else "t10k"
     paths = [_find_raw(Path(root), f"{prefix}-{kind}") for kind in ("images-idx3-ubyte", "labels-idx1-ubyte")]
     if all(paths):  # fast path: no torchvision import (~165 MB less memory in every notebook)
@@ -111,7 +123,6 @@ def _cached_raw(train: bool, root: str) -> tuple[np.ndarray, np.ndarray]:
         dataset = load_mnist(train=train, root=root)
         images, labels = dataset.data.numpy(), dataset.targets.numpy()
     images.flags.writeable = labels.flags.writeable = False  # shared: nobody may change it
-    _raw[(train, root)] = (weakref.ref(images), weakref.ref(labels))
     return images, labels
 
 
@@ -119,13 +130,11 @@ def mnist_raw(train: bool = True, root: str | Path | None = None) -> tuple[np.nd
     """MNIST as stored: uint8 images (N, 28, 28) and int64 labels (N,), read-only NumPy arrays.
 
     This compact form (47 MB for the training set) is what data owners keep on their datasites. Calls
-    share one copy while anyone holds it.
+    share one copy while anyone holds it; after that the files are read again (0.05 s), so that a notebook
+    that keeps only its own copy does not pay twice.
     """
-    root = str(Path(root).resolve() if root is not None else data_root())
-    return _cached_raw(bool(train), root)
-
-
-_tensors: dict[tuple[bool, str], tuple[weakref.ref, weakref.ref]] = {}
+    key = _key(train, root)
+    return _shared(_raw, key, lambda: _read_raw(*key))
 
 
 def mnist_tensors(train: bool = True, root: str | Path | None = None):
@@ -135,13 +144,13 @@ def mnist_tensors(train: bool = True, root: str | Path | None = None):
     Training from memory is many times faster than a DataLoader. Calls share one copy while anyone holds
     it; the cache does not keep the 188 MB of float training images alive by itself.
     """
-    key = (bool(train), str(Path(root).resolve() if root is not None else data_root()))
-    images, labels = (ref() for ref in _tensors.get(key, (lambda: None, lambda: None)))
-    if images is None or labels is None:
-        raw_images, raw_labels = _cached_raw(*key)
-        images, labels = normalize(raw_images), torch.from_numpy(raw_labels.copy())
-        _tensors[key] = (weakref.ref(images), weakref.ref(labels))
-    return images, labels
+    key = _key(train, root)
+
+    def load():
+        images, labels = mnist_raw(*key)
+        return normalize(images), torch.from_numpy(labels.copy())
+
+    return _shared(_tensors, key, load)
 
 
 def mock_like(images, labels, n: int = 64, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
