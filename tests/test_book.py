@@ -17,12 +17,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from tools.book import DIAGRAMS, FIGURES, build, diagram_text, readme_summaries
+from tools.book import DIAGRAMS, FIGURES, build, diagram_text, readme_summaries, series
 from tools.browser import Chromium, find_chromium
 from tools.chapter_metrics import is_hidden
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+NOTEBOOKS = series()  # the chapters, then the appendices
 
 
 @pytest.fixture(scope="module")
@@ -182,3 +182,14 @@ def test_the_browser_check_catches_a_broken_page(browser, tmp_path):
     assert any("missing.png" in error for error in report.errors), report.errors
     assert report.external == ["https://example.com/x.js"]
     assert report.images[0]["width"] == 0
+
+
+def test_appendices_follow_the_chapters(tmp_path):
+    chapter = sample_chapter(tmp_path)
+    appendix = tmp_path / "Appendix-A-attacking-our-own-protocols.ipynb"
+    appendix.write_bytes(chapter.read_bytes())
+    assert series(tmp_path) == [chapter, appendix]
+    items = build([appendix, chapter], tmp_path / "build", readme=tmp_path / "no-README.md")
+    assert [item.notebook for item in items] == [chapter, appendix]
+    index = (tmp_path / "build" / "index.html").read_text()
+    assert index.index(f'href="{chapter.stem}.html"') < index.index(f'href="{appendix.stem}.html"')

@@ -19,11 +19,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools.book import series
 from tools.chapter_metrics import HIDE_INPUT_TAG
 from tools.execute import STAMP, WIDGET_VIEW, source_hash
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+NOTEBOOKS = series()  # the chapters, then the appendices
 RERUN = "run `make run` and commit the result"
 
 # A cell draws when it calls the helper's plots or pyplot (comments ignored).

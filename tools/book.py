@@ -52,6 +52,16 @@ class Chapter:
         return self.notebook.stem + ".html"
 
 
+def book_order(path: Path) -> tuple[bool, str]:
+    """Sort key: the chapters (``Part-*``) in name order, then the appendices (``Appendix-*``)."""
+    return (not path.name.startswith("Part-"), path.name)
+
+
+def series(folder: Path = ROOT / "tutorials") -> list[Path]:
+    """The notebooks of the book, in order: ``Part-*.ipynb``, then ``Appendix-*.ipynb`` (as ``make run``)."""
+    return sorted([*folder.glob("Part-*.ipynb"), *folder.glob("Appendix-*.ipynb")], key=book_order)
+
+
 def readme_summaries(readme: Path) -> dict[str, str]:
     """``{notebook file name: "What you learn" cell}`` from the README's chapter table."""
     rows = re.findall(r"^\|\s*\[[^\]]*\]\(tutorials/([^)]+\.ipynb)\)\s*\|\s*(.+?)\s*\|\s*$",
@@ -78,7 +88,7 @@ def first_sentence(nb) -> str:
 def chapters(notebooks: list[Path], readme: Path = ROOT / "README.md") -> list[Chapter]:
     summaries = readme_summaries(readme) if readme.exists() else {}
     found = []
-    for path in sorted(notebooks):
+    for path in sorted(notebooks, key=book_order):
         nb = nbformat.read(path, as_version=4)
         stamp = nb.metadata.get(STAMP, {})
         found.append(Chapter(path, title_of(nb, path.stem), summaries.get(path.name) or first_sentence(nb),
@@ -193,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "build")
     args = parser.parse_args(argv)
-    notebooks = args.notebooks or sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+    notebooks = args.notebooks or series()
     for chapter in build(notebooks, args.out):
         print(f"{args.out / chapter.page}  ({_cost(chapter)})")
     print(f"open {args.out / 'index.html'}")

@@ -480,8 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--problems", action="store_true", help="list what each notebook misses")
     parser.add_argument("--check", action="store_true", help="exit status 1 when a chapter misses a goal")
     args = parser.parse_args(argv)
-    notebooks = args.notebooks or sorted((ROOT / "tutorials").glob("Part-*.ipynb")) + sorted(
-        (ROOT / "tutorials").glob("Appendix-*.ipynb"))
+    notebooks = args.notebooks or sorted(
+        [*(ROOT / "tutorials").glob("Part-*.ipynb"), *(ROOT / "tutorials").glob("Appendix-*.ipynb")],
+        key=lambda path: (not is_chapter(path), path.name))
     metrics = [measure_file(path) for path in notebooks]
     print(table(metrics))
     failing = [m for m in metrics if m.chapter and m.misses()]
