@@ -245,7 +245,8 @@ def test_objectives_need_a_heading_before_the_code_and_3_to_5_items(change, expe
 
 
 @pytest.mark.parametrize("heading", ["## Objectives", "### Learning objectives",
-                                     "## By the end of this chapter", "## What you'll learn"])
+                                     "## By the end of this chapter", "## What you'll learn",
+                                     "## What you’ll learn"])
 def test_objectives_headings_that_count(heading):
     nb = _replace(good_chapter(), "## What you will learn", heading)
     assert measure(nb).objectives == 3
@@ -263,8 +264,9 @@ def test_whats_next_must_exist_and_link_somewhere():
     assert measure(nb).whats_next == "no" and "whats_next" in misses(nb)
     nb = _replace(good_chapter(), "[Part 10](Part-10-next.ipynb)", "Part 10")
     assert measure(nb).whats_next == "no link" and "whats_next" in misses(nb)
-    nb = _replace(good_chapter(), "## What's next", "## Where to go next")
-    assert measure(nb).whats_next == "yes"
+    for heading in ("## Where to go next", "## What’s next", "### Next steps"):
+        nb = _replace(good_chapter(), "## What's next", heading)
+        assert measure(nb).whats_next == "yes", heading
 
 
 def test_too_few_or_too_many_exercises():

@@ -238,7 +238,7 @@ def sections(nb) -> list[Section]:
 
 
 OBJECTIVES = re.compile(
-    r"^(what you(?: wi|')ll learn|(learning )?objectives|by the end of (this|the) chapter)", re.I)
+    r"^(what you(?: wi|['’])ll learn|(learning )?objectives|by the end of (this|the) chapter)", re.I)
 RECAP = re.compile(r"^recap\b", re.I)
 WHATS_NEXT = re.compile(r"^(what(?:['’]s| is| comes) next|next steps|where to go (?:next|from here))", re.I)
 EXERCISES = re.compile(r"^exercises\b", re.I)
