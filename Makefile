@@ -8,7 +8,8 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
-NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb))
+# The chapters, then the appendices (exempt from the chapter goals of tools/chapter_metrics.py).
+NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb)) $(sort $(wildcard tutorials/Appendix-*.ipynb))
 CUDA_ONLY := nvidia-|cuda-|triton==
 
 .PHONY: lab test run html cost mnist env lock lint clean

@@ -3,8 +3,10 @@
 Each one must have been executed by ``make run`` from its current code (every code cell carries the hash
 of the source it ran, see ``tools/execute.py``), top to bottom, and its saved outputs must show what the
 code drew and printed: a figure for every cell that draws, finished progress bars as text, and no error,
-traceback or warning. :func:`problems` does the reading; the tests below also run it on copies broken on
-purpose, so that every rule is shown to fail.
+traceback or warning. These rules hold for cells whose input is hidden too (their outputs are on screen),
+and a hidden input is hidden everywhere: in JupyterLab (``metadata.jupyter.source_hidden``) and in the
+book (the ``hide-input`` tag) alike. :func:`problems` does the reading; the tests below also run it on
+copies broken on purpose, so that every rule is shown to fail.
 """
 from __future__ import annotations
 
@@ -17,10 +19,12 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools.book import series
+from tools.chapter_metrics import HIDE_INPUT_TAG
 from tools.execute import STAMP, WIDGET_VIEW, source_hash
 
 ROOT = Path(__file__).resolve().parents[1]
-NOTEBOOKS = sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+NOTEBOOKS = series()  # the chapters, then the appendices
 RERUN = "run `make run` and commit the result"
 
 # A cell draws when it calls the helper's plots or pyplot (comments ignored).
@@ -70,6 +74,14 @@ def problems(nb) -> list[str]:
         where = f"code cell {number} ({first_line[:50]})"
         code_lines = "\n".join(line.split("#", 1)[0] for line in cell.source.splitlines())
         images = [png_size(o.data["image/png"]) for o in cell.outputs if "image/png" in o.get("data", {})]
+        collapsed = bool(cell.metadata.get("jupyter", {}).get("source_hidden"))
+        tagged = HIDE_INPUT_TAG in cell.metadata.get("tags", [])
+        if collapsed != tagged:
+            found.append(
+                f"{where}: input hidden in JupyterLab (source_hidden) but not in the book: add the "
+                f"{HIDE_INPUT_TAG!r} tag" if collapsed else
+                f"{where}: input hidden in the book ({HIDE_INPUT_TAG!r} tag) but not in JupyterLab: set "
+                "metadata.jupyter.source_hidden to true")
         if DRAWS.search(code_lines) and not images:
             found.append(f"{where}: draws but saved no figure (was MPLBACKEND=Agg set?); {RERUN}")
         if any(w == 0 or h == 0 for w, h in images):
@@ -106,7 +118,9 @@ def good_notebook():
         nbformat.v4.new_markdown_cell("# Title"),
         nbformat.v4.new_code_cell("fig = show_digits(images)  # owner side"),
         nbformat.v4.new_code_cell("for _ in progress(range(3)): pass"),
+        nbformat.v4.new_code_cell("# Check: three images\nassert len(images) == 3"),
     ]
+    cells[3].metadata.update(tags=[HIDE_INPUT_TAG, "check"], jupyter={"source_hidden": True})
     figure = {"image/png": PNG_1x1, "text/plain": "<Figure>"}
     cells[1].outputs = [nbformat.v4.new_output("display_data", data=figure)]
     bar = "x: 100%|██████████| 3/3 [00:01<00:00]\n"
@@ -161,9 +175,26 @@ def _out_of_order(nb):
     nb.cells[1].execution_count = 7
 
 
+def _hidden_cell_edited(nb):
+    nb.cells[3].source += " and images.ndim == 3"
+
+
+def _hidden_cell_draws_nothing(nb):
+    nb.cells[3].source = nb.cells[3].source + "\nshow_digits(images)"
+    nb.cells[3].metadata[STAMP] = {"source": source_hash(nb.cells[3].source)}
+
+
+def _hidden_in_lab_only(nb):
+    nb.cells[3].metadata["tags"] = ["check"]
+
+
+def _hidden_in_the_book_only(nb):
+    del nb.cells[3].metadata["jupyter"]
+
+
 def _new_cell(nb):
     nb.cells.append(nbformat.v4.new_code_cell("1 + 1"))
-    nb.cells[-1].execution_count = 3
+    nb.cells[-1].execution_count = 4
 
 
 BREAKAGES = {
@@ -177,6 +208,11 @@ BREAKAGES = {
     "executed without make run": (_never_stamped, "not executed by `make run`"),
     "cells run out of order": (_out_of_order, "not executed top to bottom"),
     "cell added, never run": (_new_cell, "stale"),
+    "hidden cell edited after the run": (_hidden_cell_edited, "code cells [3]: saved outputs are stale"),
+    "hidden cell draws, saved no figure": (_hidden_cell_draws_nothing,
+                                           "code cell 3 (# Check: three images): draws but saved no figure"),
+    "input hidden in JupyterLab only": (_hidden_in_lab_only, "but not in the book"),
+    "input hidden in the book only": (_hidden_in_the_book_only, "but not in JupyterLab"),
 }
 
 

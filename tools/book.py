@@ -1,8 +1,16 @@
 """Render the executed notebooks into a static site (``make html``): one page per chapter, and an index.
 
-The index lists the chapters in order with the one-line summary of the README's chapter table and the
-run time and peak memory that ``make run`` stamped into each notebook. Pages embed their figures, so
-the folder can be opened from disk or served as it is (GitHub Pages, any web server).
+The index opens with the series' three concept diagrams (:data:`DIAGRAMS`, hand-written SVG files in
+``tutorials/figures/``, copied into ``build/figures/``), then lists the chapters in order with the one-line
+summary of the README's chapter table and the run time and peak memory that ``make run`` stamped into
+each notebook. Pages embed their saved figures; a markdown cell may show a file of ``tutorials/figures/``
+as ``figures/<name>``. The folder can be opened from disk or served as it is (GitHub Pages, any web
+server).
+
+A code cell whose input is hidden (``metadata.jupyter.source_hidden`` or the ``hide-input`` tag, see
+``tools/chapter_metrics.py``) is rendered collapsed: its code inside a ``<details>`` block whose summary
+reads "show code", its outputs shown as usual. ``<details>`` blocks in markdown (exercise solutions) are
+kept as they are, folded until the reader opens them.
 
     python -m tools.book            # -> build/index.html, build/Part-01-....html, ...
 """
@@ -11,17 +19,24 @@ from __future__ import annotations
 import argparse
 import html
 import re
+import shutil
 import sys
+import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
 
 import nbformat
 from nbconvert import HTMLExporter
 
+from tools.chapter_metrics import is_hidden
 from tools.execute import STAMP, replace_widgets
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATES = Path(__file__).resolve().parent / "templates"
+FIGURES = ROOT / "tutorials" / "figures"
+# The concept diagrams of the index (and the README's "The big picture"), in reading order.
+DIAGRAMS = ("fl-round.svg", "pairwise-masks.svg", "threat-model.svg")
+SVG = "{http://www.w3.org/2000/svg}"
 
 
 @dataclass
@@ -35,6 +50,16 @@ class Chapter:
     @property
     def page(self) -> str:
         return self.notebook.stem + ".html"
+
+
+def book_order(path: Path) -> tuple[bool, str]:
+    """Sort key: the chapters (``Part-*``) in name order, then the appendices (``Appendix-*``)."""
+    return (not path.name.startswith("Part-"), path.name)
+
+
+def series(folder: Path = ROOT / "tutorials") -> list[Path]:
+    """The notebooks of the book, in order: ``Part-*.ipynb``, then ``Appendix-*.ipynb`` (as ``make run``)."""
+    return sorted([*folder.glob("Part-*.ipynb"), *folder.glob("Appendix-*.ipynb")], key=book_order)
 
 
 def readme_summaries(readme: Path) -> dict[str, str]:
@@ -63,7 +88,7 @@ def first_sentence(nb) -> str:
 def chapters(notebooks: list[Path], readme: Path = ROOT / "README.md") -> list[Chapter]:
     summaries = readme_summaries(readme) if readme.exists() else {}
     found = []
-    for path in sorted(notebooks):
+    for path in sorted(notebooks, key=book_order):
         nb = nbformat.read(path, as_version=4)
         stamp = nb.metadata.get(STAMP, {})
         found.append(Chapter(path, title_of(nb, path.stem), summaries.get(path.name) or first_sentence(nb),
@@ -77,6 +102,21 @@ def _markdown_inline(text: str) -> str:
     text = re.sub(r"`([^`]+)`", r"<code>\1</code>", text)
     text = re.sub(r"\*\*([^*]+)\*\*", r"<strong>\1</strong>", text)
     return re.sub(r"\*([^*]+)\*", r"<em>\1</em>", text)
+
+
+def diagram_text(path: Path) -> tuple[str, str]:
+    """``(title, description)`` of an SVG diagram: its ``<title>`` and ``<desc>`` elements."""
+    root = ET.parse(path).getroot()
+    return (root.findtext(f"{SVG}title", "").strip(), root.findtext(f"{SVG}desc", "").strip())
+
+
+def _figures(figures: Path) -> str:
+    items = []
+    for name in DIAGRAMS:
+        title, description = diagram_text(figures / name)
+        items.append(f'<figure><img src="figures/{name}" title="{html.escape(title)}" '
+                     f'alt="{html.escape(description)}"></figure>')
+    return "\n".join(items)
 
 
 def _cost(chapter: Chapter) -> str:
@@ -99,11 +139,18 @@ body {{ font-family: system-ui, sans-serif; max-width: 52rem; margin: 2rem auto;
        line-height: 1.5; color: #222; }}
 li {{ margin-bottom: 1rem; }}
 .cost {{ color: #666; font-size: 0.9em; }}
+figure {{ margin: 1.5rem 0; }}
+figure img {{ display: block; max-width: 100%; height: auto; }}
 </style>
 </head>
 <body>
 <h1>{title}</h1>
 <p>{intro}</p>
+<h2>The big picture</h2>
+<p>Three pictures to keep in mind while you read: who holds what in a round of federated learning, how
+pairwise masks hide each owner's update inside a sum, and which protection guards against whom.</p>
+{figures}
+<h2>Chapters</h2>
 <ol class="chapters">
 {items}
 </ol>
@@ -112,7 +159,8 @@ li {{ margin-bottom: 1rem; }}
 """
 
 
-def render_index(items: list[Chapter], title: str = "Secure-AI: privacy-preserving machine learning") -> str:
+def render_index(items: list[Chapter], title: str = "Secure-AI: privacy-preserving machine learning",
+                 figures: Path = FIGURES) -> str:
     rows = "\n".join(
         f'<li><a href="{c.page}">{html.escape(c.title)}</a><br>'
         f'<span class="summary">{_markdown_inline(c.summary)}</span><br>'
@@ -121,14 +169,18 @@ def render_index(items: list[Chapter], title: str = "Secure-AI: privacy-preservi
     )
     intro = ("Jupyter notebooks on training models with data you are not allowed to see, rendered with "
              "the outputs of their last run. Run them yourself with <code>make lab</code>.")
-    return INDEX.format(title=html.escape(title), intro=intro, items=rows)
+    return INDEX.format(title=html.escape(title), intro=intro, figures=_figures(figures), items=rows)
 
 
-def build(notebooks: list[Path], out: Path, readme: Path = ROOT / "README.md") -> list[Chapter]:
-    """Write one page per notebook and ``index.html`` into ``out``; returns the chapters, in order."""
+def build(notebooks: list[Path], out: Path, readme: Path = ROOT / "README.md",
+          figures: Path = FIGURES) -> list[Chapter]:
+    """Write one page per notebook, ``index.html`` and ``figures/`` into ``out``; returns the chapters,
+    in order."""
     out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(figures, out / "figures", dirs_exist_ok=True)
     items = chapters(notebooks, readme)
     exporter = HTMLExporter(template_name="book", extra_template_basedirs=[str(TEMPLATES)])
+    exporter.register_filter("hidden_input", is_hidden)
     for i, chapter in enumerate(items):
         nb = nbformat.read(chapter.notebook, as_version=4)
         nb.metadata["title"] = chapter.title
@@ -142,7 +194,7 @@ def build(notebooks: list[Path], out: Path, readme: Path = ROOT / "README.md") -
         }
         body, _ = exporter.from_notebook_node(nb, resources=resources)
         (out / chapter.page).write_text(body, encoding="utf-8")
-    (out / "index.html").write_text(render_index(items), encoding="utf-8")
+    (out / "index.html").write_text(render_index(items, figures=figures), encoding="utf-8")
     return items
 
 
@@ -151,7 +203,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--out", type=Path, default=ROOT / "build")
     args = parser.parse_args(argv)
-    notebooks = args.notebooks or sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+    notebooks = args.notebooks or series()
     for chapter in build(notebooks, args.out):
         print(f"{args.out / chapter.page}  ({_cost(chapter)})")
     print(f"open {args.out / 'index.html'}")

@@ -28,9 +28,20 @@ INSPECT = """JSON.stringify({
   title: document.title,
   h1: (() => { const h = document.querySelector('h1');
                return h ? {text: h.textContent.trim(), height: h.getBoundingClientRect().height} : null; })(),
-  images: [...document.images].map(i => ({src: i.src.slice(0, 40), complete: i.complete,
+  images: [...document.images].map(i => ({src: i.src.startsWith('data:') ? i.src.slice(0, 40) : i.src,
+                                          complete: i.complete,
                                           width: i.naturalWidth, height: i.naturalHeight})),
   links: [...document.querySelectorAll('a[href]')].map(a => a.getAttribute('href')),
+  details: [...document.querySelectorAll('details')].map(d => {
+    const summary = d.querySelector(':scope > summary'), loaded_open = d.open;
+    d.open = false; const folded = d.getBoundingClientRect().height;
+    d.open = true; const unfolded = d.getBoundingClientRect().height;
+    d.open = loaded_open;
+    const cell = d.closest('.jp-Cell'), outputs = cell && cell.querySelector('.jp-OutputArea');
+    return {class: d.className, summary: summary ? summary.textContent.trim() : null, open: loaded_open,
+            folded_height: folded, unfolded_height: unfolded,
+            outputs_height: outputs ? outputs.getBoundingClientRect().height : null};
+  }),
 })"""
 
 
@@ -45,6 +56,9 @@ class PageReport:
     h1: dict | None = None
     images: list[dict] = field(default_factory=list)
     links: list[str] = field(default_factory=list)
+    # each <details>: class, summary text, open as loaded, height folded and unfolded, and the height of the
+    # outputs of the notebook cell it is in (None outside a code cell)
+    details: list[dict] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # console errors, exceptions, failed loads
     external: list[str] = field(default_factory=list)  # requests that would have left the machine
 
@@ -170,7 +184,7 @@ class Chromium:
             result = self._call("Runtime.evaluate", session, expression=INSPECT, returnByValue=True)
             seen = json.loads(result["result"]["value"])
             report.title, report.h1 = seen["title"], seen["h1"]
-            report.images, report.links = seen["images"], seen["links"]
+            report.images, report.links, report.details = seen["images"], seen["links"], seen["details"]
         finally:
             self._call("Target.closeTarget", targetId=target)
         return report
