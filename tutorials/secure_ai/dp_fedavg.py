@@ -212,7 +212,10 @@ def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy,
 
 
 def _refusal(owner, ledger: PrivacyLedger, policy: DPPolicy, request) -> str | None:
-    """Why ``owner`` refuses this DP-FedAvg request, or ``None`` when every check passes."""
+    """Why ``owner`` refuses this DP-FedAvg request, or ``None`` when every check passes.
+
+    The request carries exactly one code and nothing nested: :meth:`DataOwner.code_of` checked that first.
+    """
     import inspect
 
     from .federated import DATASET  # first: it imports syft (quietly, patched) through secure_ai.datasites
@@ -224,8 +227,6 @@ def _refusal(owner, ledger: PrivacyLedger, policy: DPPolicy, request) -> str | N
     assets = owner.client.datasets[DATASET].assets
     policy_asset = owner.client.datasets[POLICY_DATASET].assets["policy"]
     limit = (code.output_policy_init_kwargs or {}).get("limit")
-    if len(request.changes) != 1:
-        return "the request carries more than one code change"
     if code.raw_code.strip() != inspect.getsource(dp_train).strip():
         return "its code is not secure_ai.dp_fedavg.dp_train"
     if (len(rules) != 1 or set(rules[0]) != {"images", "labels", "weights", "policy"}
