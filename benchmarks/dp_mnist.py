@@ -22,6 +22,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
 
+from secure_ai import dp_sgd  # noqa: E402
 from secure_ai import privacy as dp  # noqa: E402
 from secure_ai.data import mnist_tensors  # noqa: E402
 from secure_ai.training import evaluate, set_seed  # noqa: E402
@@ -35,7 +36,7 @@ class WeightAverage:
     """
 
     def __init__(self, model: torch.nn.Module, decay: float):
-        self.model, self.decay, self.updates = dp.TanhCNN(), decay, 0
+        self.model, self.decay, self.updates = dp_sgd.TanhCNN(), decay, 0
         self.model.load_state_dict(model.state_dict())
         self.source = model
 
@@ -64,11 +65,11 @@ def main() -> None:
 
     set_seed(args.seed)
     train, test = mnist_tensors(True), mnist_tensors(False)
-    model = dp.TanhCNN()
+    model = dp_sgd.TanhCNN()
     optimizer = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=args.momentum)
-    private = dp.make_private(model, optimizer, *train, batch_size=args.batch_size,
-                              max_grad_norm=args.max_grad_norm, target_epsilon=args.target_epsilon,
-                              epochs=args.epochs, accountant=args.accountant)
+    private = dp_sgd.make_private(model, optimizer, *train, batch_size=args.batch_size,
+                                  max_grad_norm=args.max_grad_norm, target_epsilon=args.target_epsilon,
+                                  epochs=args.epochs, accountant=args.accountant)
     # The learning-rate schedule does not look at the data, so it costs no privacy.
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(private.optimizer, T_max=args.epochs) \
         if args.schedule == "cosine" else None

@@ -39,14 +39,14 @@ from secure_ai import data  # noqa: E402
 from secure_ai import training as tr  # noqa: E402
 from secure_ai.quiet import quiet  # noqa: E402
 
-with quiet():  # keep syft's own function before secure_ai.workers patches it, for --unpatched
+with quiet():  # keep syft's own function before secure_ai.datasites patches it, for --unpatched
     import syft.service.service as syft_service
     import syft.types.syft_object as syft_object
 
     ORIGINAL_ATTACH = syft_object.attach_attribute_to_syft_object
 
 from secure_ai import federated as fl  # noqa: E402
-from secure_ai.workers import DataOwner, shutdown_all  # noqa: E402
+from secure_ai.datasites import DataOwner, shutdown_all  # noqa: E402
 
 LR, MOMENTUM, BATCH = 0.02, 0.9, 64
 

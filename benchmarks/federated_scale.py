@@ -31,10 +31,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
 
-from secure_ai import data, runtime, scale  # noqa: E402
+from secure_ai import data, datasites, runtime, scale  # noqa: E402
 from secure_ai import federated as fl  # noqa: E402
 from secure_ai import training as tr  # noqa: E402
-from secure_ai.workers import DataOwner, sy  # noqa: E402
+from secure_ai.datasites import DataOwner, sy  # noqa: E402
 
 RECIPE = {"model": "mlp", "lr": 0.05, "momentum": 0.5, "batch_size": 32}
 EMAIL, PASSWORD = "bench@example.org", "federated-scale"
@@ -46,7 +46,7 @@ def start(n: int, samples: int, rounds: int):
     for i in range(n):
         name = f"owner{i}"
         lo = (i * samples) % (len(labels) - samples)
-        owner = DataOwner(name, port=scale.free_port())
+        owner = DataOwner(name, port=datasites.free_port())
         fl.upload_mnist(owner, images[lo:lo + samples], labels[lo:lo + samples], mock_size=16)
         owner.add_data_scientist(EMAIL, PASSWORD)
         client = owner.login(EMAIL, PASSWORD)
@@ -76,8 +76,8 @@ def measure(n: int, samples: int, repeats: int) -> dict:
     message = {**RECIPE, "seed": 0, "vector": vector}
     reply = {"weights": {"vector": vector}, "n_samples": samples, "loss": 0.0, "train_s": 0.0}
     wire = lambda obj: len(sy.serialize(obj, to_bytes=True))
-    owner_mb = [scale.memory_mb(o) for o in owners.values()]
-    scale.stop_everything()
+    owner_mb = [datasites.memory_mb(o) for o in owners.values()]
+    datasites.shutdown_all()
     return {"N": n, "setup s": setup_s,
             "sequential s": statistics.median(r.seconds for r in sequential.records),
             "concurrent s": statistics.median(r.seconds for r in concurrent.records[1:]),

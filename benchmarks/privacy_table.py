@@ -32,9 +32,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
 
 from secure_ai import attacks as at  # noqa: E402
-from secure_ai import privacy as dp  # noqa: E402
-from secure_ai import runtime  # noqa: E402
+from secure_ai import dp_sgd, membership, runtime  # noqa: E402
 from secure_ai import training as tr  # noqa: E402
+from secure_ai.costs import round_costs  # noqa: E402
 from secure_ai.data import mnist_tensors  # noqa: E402
 
 HIDDEN, EPOCHS, DP_EPOCHS, DP_BATCH, DP_EPSILON = 128, 30, 10, 100, 3.0
@@ -60,8 +60,8 @@ def dp_trainer(epsilon):
         optimizer = torch.optim.SGD(net.parameters(), lr=0.5, momentum=0.9)
         budget = ({"noise_multiplier": state["sigma"]} if state else {"target_epsilon": epsilon,
                                                                       "epochs": DP_EPOCHS})
-        run = dp.make_private(net, optimizer, images, labels, batch_size=DP_BATCH, max_grad_norm=1.0,
-                              **budget)
+        run = dp_sgd.make_private(net, optimizer, images, labels, batch_size=DP_BATCH, max_grad_norm=1.0,
+                                  **budget)
         for _ in range(DP_EPOCHS):
             run.train_epoch(progress=False)
         state.setdefault("sigma", run.noise_multiplier)
@@ -116,8 +116,8 @@ def local_update(private_update, seed, images, labels, sigma):
     net = tr.MLP(hidden=HIDDEN)
     optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
     if private_update:
-        dp.make_private(net, optimizer, images, labels, batch_size=DP_BATCH, max_grad_norm=1.0,
-                        noise_multiplier=sigma).train_epoch(progress=False)
+        dp_sgd.make_private(net, optimizer, images, labels, batch_size=DP_BATCH, max_grad_norm=1.0,
+                            noise_multiplier=sigma).train_epoch(progress=False)
     else:
         tr.train_epoch(net, images, labels, optimizer, batch_size=32, seed=seed, progress=False)
     return tr.model_to_vector(net)
@@ -138,16 +138,16 @@ def main() -> None:
         tic = time.perf_counter()
         order = torch.from_numpy(np.random.default_rng(seed).permutation(len(y)))
         pool_x, pool_y = x[order[:1000]], y[order[:1000]]
-        plain = at.attack_membership(train_plain, pool_x, pool_y, test, n_shadows=args.shadows, seed=seed,
-                                     progress=False)
+        plain = membership.attack_membership(train_plain, pool_x, pool_y, test, n_shadows=args.shadows,
+                                             seed=seed, progress=False)
         train_dp, state = dp_trainer(DP_EPSILON)
-        private = at.attack_membership(train_dp, pool_x, pool_y, test, n_shadows=max(2, args.shadows // 2),
-                                       seed=seed, progress=False)
+        private = membership.attack_membership(train_dp, pool_x, pool_y, test,
+                                               n_shadows=max(2, args.shadows // 2), seed=seed, progress=False)
         inversion = inversion_row(seed, x[order[1000:]], y[order[1000:]], test[0][:1000], args.digits,
                                   args.steps)
         update = functools.partial(local_update, seed=seed, images=pool_x[:250], labels=pool_y[:250],
                                    sigma=state["sigma"])
-        costs = at.round_costs(update, n_samples=250, n_owners=OWNERS)
+        costs = round_costs(update, n_samples=250, n_owners=OWNERS)
         for name in TECHNIQUES:
             result, epsilon = (private, state["epsilon"]) if "DP" in name else (plain, np.inf)
             best = max(result.scores, key=lambda a: result.tpr(a, 0.01))

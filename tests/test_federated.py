@@ -5,7 +5,9 @@ import torch
 from secure_ai import data
 from secure_ai import federated as fl
 from secure_ai import training as tr
-from secure_ai.workers import DataOwner, RemoteError
+from secure_ai.datasites import DataOwner
+from secure_ai.quiet import quiet
+from secure_ai.remote import RemoteError
 
 EMAIL, PASSWORD = "ds@example.org", "pw"
 ROUNDS = 2
@@ -25,8 +27,7 @@ def train_small(images, labels, weights):
 
 def train_checked(images, labels, weights):
     import torch
-    from secure_ai.federated import checked_model
-    from secure_ai.training import model_to_vector, train_epoch
+    from secure_ai.training import checked_model, model_to_vector, train_epoch
 
     model, recipe = checked_model(weights, min_batch_size=32, max_lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
@@ -72,7 +73,7 @@ def test_upload_keeps_private_data_private(federation):
     owners, clients, parts = federation
     assets = clients["fjoe"].datasets[fl.DATASET].assets
     assert assets["images"].mock.shape == (8, 28, 28)
-    with fl.quiet():
+    with quiet():
         assert assets["images"].data is None
     private = owners["fjoe"].client.datasets[fl.DATASET].assets["images"].data
     assert private.shape == (300, 28, 28) and private.dtype == np.uint8
@@ -171,56 +172,11 @@ def test_extra_assets_reach_the_function_and_names_cannot_clash(federation):
         fl.train_remotely(clients["fjoe"], "uses_secret", {"k": 3}, extra_assets={"secret": np.array([7])})
 
 
-def _message(model="mlp", **changes):
-    net = tr.MLP() if model == "mlp" else tr.CNN(channels=(4, 8))
-    message = {"model": model, "vector": tr.model_to_vector(net).numpy(), "lr": 0.01, "momentum": 0.0,
-               "batch_size": 64, "seed": 0}
-    return message | ({"channels": [4, 8]} if model == "cnn" else {}) | changes
 
-
-def test_a_batch_of_one_reveals_the_digit_so_approved_code_must_bound_it():
-    """Malicious data scientist: one SGD step on one digit; first-layer weight change / bias change is it."""
-    images, labels = data.mnist_raw(True)
-    x = data.normalize(images[:1])
-    model = tr.MLP()
-    w, b = model.net[1].weight.detach().clone(), model.net[1].bias.detach().clone()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    tr.train_epoch(model, x, torch.from_numpy(labels[:1].astype(np.int64)), optimizer, 1, progress=False)
-    dw, db = model.net[1].weight.detach() - w, model.net[1].bias.detach() - b
-    unit = db.abs().argmax()
-    np.testing.assert_allclose(dw[unit] / db[unit], x.flatten(), atol=1e-3)  # the digit, recovered
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 32, got 1"):
-        fl.checked_model(_message(batch_size=1), min_batch_size=32, max_lr=0.1)
-
-
-@pytest.mark.parametrize("changes, error", [
-    ({"batch_size": 31}, "batch_size must be an integer >= 32"),
-    ({"batch_size": 64.0}, "batch_size must be an integer"),
-    ({"lr": 0.5}, r"lr must be a number in \(0, 0.1\]"),
-    ({"lr": 0}, "lr must be a number"),
-    ({"momentum": 1.0}, "momentum must be a number"),
-    ({"seed": -1}, "seed must be an integer >= 0"),
-    ({"vector": np.zeros(10, dtype=np.float32)}, r"vector must be float32 of shape \(397510,\)"),
-    ({"vector": np.zeros(397510)}, "vector must be float32"),
-    ({"vector": np.full(397510, np.nan, dtype=np.float32)}, "NaN or infinite"),
-    ({"extra": 1}, "message keys must be"),
-    ({"model": "resnet"}, "model must be 'cnn'"),
-    ({"channels": [4, 8]}, "model must be 'cnn'"),
-])
-def test_checked_model_refuses_what_the_owner_did_not_allow(changes, error):
-    with pytest.raises(ValueError, match=error):
-        fl.checked_model(_message(**changes), min_batch_size=32, max_lr=0.1)
-
-
-def test_checked_model_builds_the_model_from_an_allowed_message():
-    message = _message("cnn", batch=3)
-    model, recipe = fl.checked_model(message, min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
-    assert isinstance(model, tr.CNN) and recipe["batch"] == 3 and recipe["channels"] == [4, 8]
-    assert torch.equal(tr.model_to_vector(model), torch.from_numpy(message["vector"]))
-    with pytest.raises(ValueError, match="channels must be two integers in 1..32"):
-        fl.checked_model(_message("cnn", channels=[4, 1000]), min_batch_size=32, max_lr=0.1)
-    with pytest.raises(ValueError, match="message keys"):
-        fl.checked_model(_message("cnn"), min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
+def mlp_message(**changes):
+    """A message ``train_checked`` accepts (an MLP, a modest recipe), with ``changes``."""
+    return {"model": "mlp", "vector": tr.model_to_vector(tr.MLP()).numpy(), "lr": 0.01, "momentum": 0.0,
+            "batch_size": 64, "seed": 0} | changes
 
 
 def test_approved_code_refuses_a_data_scientist_who_asks_for_batch_1_or_odd_shapes(federation):
@@ -230,11 +186,11 @@ def test_approved_code_refuses_a_data_scientist_who_asks_for_batch_1_or_odd_shap
     owners["fjoe"].approve("train_checked")
     # syft shows the data scientist only that the approved code raised (checked_model's ValueError)
     with pytest.raises(RemoteError, match="Exception encountered while running train_checked"):
-        fl.train_remotely(clients["fjoe"], "train_checked", _message(batch_size=1))
+        fl.train_remotely(clients["fjoe"], "train_checked", mlp_message(batch_size=1))
     with pytest.raises(RemoteError, match="Exception encountered while running train_checked"):
-        fl.train_remotely(clients["fjoe"], "train_checked", _message(vector=np.zeros((5, 3), np.float32)))
+        fl.train_remotely(clients["fjoe"], "train_checked", mlp_message(vector=np.zeros((5, 3), np.float32)))
     assert owners["fjoe"].runs("train_checked") == 0  # nothing trained, nothing returned
-    result = fl.train_remotely(clients["fjoe"], "train_checked", _message())  # within bounds: it trains
+    result = fl.train_remotely(clients["fjoe"], "train_checked", mlp_message())  # within bounds: it trains
     assert result["n_samples"] == 300 and result["weights"]["vector"].shape == (397510,)
     assert owners["fjoe"].runs("train_checked") == 1
 

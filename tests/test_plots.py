@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 from secure_ai import plots
+from secure_ai.privacy import dp_tpr_bound
 
 
 def test_show_digits_draws_a_titled_grid():
@@ -65,3 +66,40 @@ def test_plot_label_shares_draws_one_panel_per_split_with_shares_per_digit():
     np.testing.assert_allclose(shares[:, 0], [1.0, 0.0])      # digit 0: all with owner 0
     with pytest.raises(ValueError, match="empty"):
         plots.plot_label_shares({})
+
+
+# --- Part 3: differential privacy ------------------------------------------------------------------------
+def test_plots_draw_and_reject_empty_input():
+    import matplotlib.pyplot as plt
+
+    fig = plots.plot_noisy_answers({"with": [1, 2, 3], "without": [0, 1, 2]})
+    assert len(fig.axes[0].patches) > 0
+    fig2 = plots.plot_privacy_utility({"sigma=1": [(1.0, 0.9), (2.0, 0.95)]}, baseline=0.99,
+                                   anchors={"paper": (2.0, 0.95)})
+    assert len(fig2.axes[0].lines) == 3
+    plt.close("all")
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_noisy_answers({})
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_privacy_utility({})
+
+
+# --- Part 5: attacks -------------------------------------------------------------------------------------
+def test_plots_of_the_chapter():
+    x = torch.zeros(5, 1, 28, 28)
+    fig = plots.plot_reconstructions({"a": (x, x, torch.tensor([0.1, 0.9, 0.2, 0.3, 0.4])),
+                                      "b": (x[:1], x[:1], torch.tensor([0.5]))}, n=4, threshold=0.8)
+    assert len([ax for ax in fig.axes if ax.images]) == 2 * (4 + 1)
+    labels = [ax.title for ax in fig.axes if ax.get_title()]
+    assert [t.get_text() for t in labels] == ["0.10", "0.90", "0.20", "0.30", "0.50"]
+    assert [t.get_fontweight() for t in labels][:2] == ["normal", "bold"]
+    with pytest.raises(ValueError, match="same length"):
+        plots.plot_reconstructions({"a": (x, x[:2], [0.1])})
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_reconstructions({})
+    fig = plots.plot_roc({"attack": (np.array([0, 0.5, 1]), np.array([0, 0.7, 1]))}, {"bound": (1.0, 1e-5)})
+    lines = fig.axes[0].get_lines()
+    assert len(lines) == 3  # guessing, the attack, the bound
+    assert np.allclose(lines[2].get_ydata(), dp_tpr_bound(lines[2].get_xdata(), 1.0, 1e-5))
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_roc({})

@@ -2,26 +2,27 @@
 import numpy as np
 import pytest
 import torch
-from secure_ai.pointers import describe, enable_pointer_ops, fetch, read_private, send, stored_on
-from secure_ai.workers import DataOwner, quiet
+from secure_ai.datasites import DataOwner
+from secure_ai.pointers import describe, fetch, read_private, send, stored_on
+from secure_ai.quiet import quiet
 
 EMAIL, PASSWORD = "ds@example.org", "s3cret"
 PRIVATE = np.arange(5.0, dtype=np.float32)
 
 
 @pytest.fixture(scope="module")
-def joe():
-    owner = DataOwner("ptr-joe")
-    owner.upload_dataset("numbers", private={"x": PRIVATE}, mock={"x": np.zeros(5, dtype=np.float32)})
-    enable_pointer_ops(owner)
-    owner.add_data_scientist(EMAIL, PASSWORD)
-    yield owner
-    owner.shutdown()
+def joe_and_ds(start_owner):
+    return start_owner("ptr-joe", private=PRIVATE, pointer_ops=True, email=EMAIL, password=PASSWORD)
 
 
 @pytest.fixture(scope="module")
-def ds(joe):
-    return joe.login(EMAIL, PASSWORD)
+def joe(joe_and_ds):
+    return joe_and_ds[0]
+
+
+@pytest.fixture(scope="module")
+def ds(joe_and_ds):
+    return joe_and_ds[1]
 
 
 @pytest.fixture()

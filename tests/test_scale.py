@@ -1,4 +1,5 @@
-"""secure_ai.scale: concurrent rounds, deadlines, dropouts and cheating owners; real HTTP owners killed."""
+"""secure_ai.scale: concurrent rounds, deadlines, dropouts and cheating owners; real HTTP owners killed
+(with secure_ai.datasites' process control)."""
 import contextlib
 import threading
 import time
@@ -6,10 +7,10 @@ import time
 import numpy as np
 import psutil
 import pytest
-from secure_ai import data, scale
+from secure_ai import data, datasites, scale
 from secure_ai import federated as fl
 from secure_ai import training as tr
-from secure_ai.workers import TEMP_ROOT, DataOwner, port_is_free
+from secure_ai.datasites import TEMP_ROOT, DataOwner, port_is_free
 
 RECIPE = {"model": "mlp", "lr": 0.05, "momentum": 0.0, "batch_size": 32, "seed": 3}
 EMAIL, PASSWORD = "ds@example.org", "scale-tests"
@@ -161,25 +162,20 @@ def test_local_trainer_and_model_shape_are_checked():
         scale.Federation({"a": failing}).round(np.zeros((2, 2)), RECIPE)
 
 
-def test_free_port_is_free():
-    port = scale.free_port()
-    assert 1024 <= port <= 65535
-
-
 # --- real HTTP owners, real processes ---------------------------------------------------------------------
 @contextlib.contextmanager
 def http_owner(name, lo, hi, runs=6):
     """An HTTP owner with digits lo..hi and an approved ``train_local_epoch``: ``(owner, client, pid)``.
     Shut down on the way out, where nothing of it may be left behind (when the body did not fail)."""
     images, labels = data.mnist_raw(True)
-    owner = DataOwner(name, port=scale.free_port())
+    owner = DataOwner(name, port=datasites.free_port())
     fl.upload_mnist(owner, images[lo:hi], labels[lo:hi], mock_size=8)
     owner.add_data_scientist(EMAIL, PASSWORD)
     client = owner.login(EMAIL, PASSWORD)
     fl.request_training(client, scale.train_local_epoch, rounds=runs)
     owner.code_of("train_local_epoch")
     owner.approve("train_local_epoch")
-    pid = scale.server_process(owner).pid
+    pid = datasites.server_process(owner).pid
     try:
         yield owner, client, pid
     finally:
@@ -228,8 +224,8 @@ def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_own
     with http_owner("scale-victim", 320, 400) as (victim, client_v, pid):
         fed = scale.Federation({"a": scale.remote_trainer(client_a, "train_local_epoch"),
                                 "victim": scale.remote_trainer(client_v, "train_local_epoch")}, deadline=120)
-        scale.pause_owner(victim)                          # its call will hang until ...
-        killer = threading.Timer(2.0, scale.kill_owner, [victim])  # ... its process is killed, mid-round
+        datasites.pause_owner(victim)                          # its call will hang until ...
+        killer = threading.Timer(2.0, datasites.kill_owner, [victim])  # ... its process is killed, mid-round
         killer.start()
         tic = time.perf_counter()
         new, record = fed.round(start_vector(2), RECIPE)
@@ -242,9 +238,3 @@ def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_own
         newer, record2 = fed.round(new, RECIPE)
         assert record2.answered == {"a": 200} and "victim" in record2.dropped
         assert scale.dropouts(fed.records) == {"victim": [1, 2]} and not np.allclose(newer, new)
-
-
-def test_helpers_refuse_an_in_memory_owner():
-    with DataOwner("scale-mem") as owner:
-        with pytest.raises(ValueError, match="in memory"):
-            scale.kill_owner(owner)

@@ -284,7 +284,7 @@ def unmask_step(secret_key, config, weights):
 
 
 def test_a_round_through_syft_datasites():
-    from secure_ai.workers import DataOwner
+    from secure_ai.datasites import DataOwner
 
     names = ("sjane", "sjoe")
     keys = {name: ss.generate_keypair() for name in names}

@@ -1,6 +1,6 @@
 """secure_ai.syft_patches: the fixes are installed and hold against a data scientist who cheats.
 
-The end-to-end proof that run limits hold in this process is in test_workers.py
+The end-to-end proof that run limits hold in this process is in test_datasites.py
 (test_approved_request_runs_at_most_the_approved_number_of_times); here, in a spawned server process.
 """
 from typing import Any
@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 from secure_ai import syft_patches
-from secure_ai.workers import sy  # noqa: F401  (importing workers applies the patches)
+from secure_ai.datasites import sy  # noqa: F401  (importing datasites applies the patches)
 from syft.types.syft_object import SyftObject
 
 
@@ -67,8 +67,8 @@ def test_fixed_walk_still_reaches_nested_syft_objects():
 
 def test_result_of_two_inputs_is_readable_with_the_fix_only(monkeypatch):
     """Fix 3: x + y on your own pointers; syft's original check refuses to let you read the result."""
+    from secure_ai.datasites import DataOwner
     from secure_ai.pointers import enable_pointer_ops, fetch, send
-    from secure_ai.workers import DataOwner
     from syft.service.action.action_service import ActionService
 
     with DataOwner("patch-joe") as owner:
@@ -104,7 +104,7 @@ def _raw_action(op, remote_self, *args, **kwargs):
 @pytest.fixture(scope="module")
 def guarded():
     """A datasite with a private asset, pointer operations switched off, and a data scientist."""
-    from secure_ai.workers import DataOwner
+    from secure_ai.datasites import DataOwner
 
     owner = DataOwner("guard-joe")
     owner.upload_dataset("numbers", private={"x": np.arange(6.0)}, mock={"x": np.zeros(6)})
@@ -116,7 +116,7 @@ def guarded():
 def test_pointer_operations_are_refused_server_side_while_switched_off(guarded, monkeypatch):
     """Fix 4: a data scientist's client that ignores the owner's setting still gets nothing run."""
     from secure_ai.pointers import enable_pointer_ops, fetch
-    from secure_ai.workers import quiet
+    from secure_ai.quiet import quiet
     from syft.service.action.action_service import ActionService
     from syft.types.errors import SyftException
 
@@ -147,7 +147,7 @@ def test_pointer_operations_are_refused_server_side_while_switched_off(guarded, 
 def test_every_route_to_the_private_asset_stays_unreadable(guarded, route):
     """Fix 3 and 4 against a data scientist who puts the private asset anywhere an action takes inputs."""
     from secure_ai.pointers import enable_pointer_ops, fetch
-    from secure_ai.workers import quiet
+    from secure_ai.quiet import quiet
     from syft.types.errors import SyftException
 
     owner, _ = guarded
@@ -191,13 +191,15 @@ def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
     """
     import multiprocessing
 
-    from secure_ai import workers
-    from secure_ai.workers import DataOwner, RemoteError, call
+    from secure_ai import datasites
+    from secure_ai.datasites import DataOwner
+    from secure_ai.quiet import quiet
+    from secure_ai.remote import RemoteError, call
     from syft.service.policy.policy import OutputPolicyExecuteCount
 
     monkeypatch.setattr(multiprocessing, "Process", multiprocessing.get_context("spawn").Process)
     monkeypatch.setattr(multiprocessing, "Event", multiprocessing.get_context("spawn").Event)
-    port = next(p for p in range(8260, 8290) if workers.port_is_free(p))
+    port = datasites.free_port()
     with DataOwner("spawnjoe", port=port) as owner:
         assert owner._handle.python_server is None  # a separate server process
         owner.upload_dataset("numbers", private={"x": np.arange(4.0)}, mock={"x": np.zeros(4)})
@@ -208,7 +210,7 @@ def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
         def total(x, k):
             return float(x.sum()) + k
 
-        with workers.quiet():
+        with quiet():
             ds.code.request_code_execution(sy.syft_function(
                 input_policy=sy.MixedInputPolicy(client=ds, x=asset, k=int),
                 output_policy=OutputPolicyExecuteCount(limit=2))(total))
@@ -218,4 +220,4 @@ def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
         with pytest.raises(RemoteError, match="used up"):  # new inputs: a third run, refused
             call(ds.code.total, x=asset, k=3)
         assert owner.runs("total") == 2
-    assert workers.port_is_free(port)
+    assert datasites.port_is_free(port)

@@ -1,4 +1,4 @@
-"""secure_ai.training: models, loops, weights <-> arrays, FedAvg."""
+"""secure_ai.training: models, loops, weights <-> arrays, FedAvg, and the owner's bounds on a message."""
 import numpy as np
 import pytest
 import torch
@@ -159,3 +159,56 @@ def test_raw_uint8_digits_train_and_evaluate_like_normalized_ones():
     assert torch.equal(tr.model_to_vector(a), tr.model_to_vector(b))
     with pytest.raises(ValueError, match="raw uint8 digits"):
         tr.evaluate(model, raw.float(), y)  # float images must be normalized and (N, 1, 28, 28)
+
+
+# --- checked_model: the owner's bounds on the data scientist's message ---------------------------------
+def _message(model="mlp", **changes):
+    net = tr.MLP() if model == "mlp" else tr.CNN(channels=(4, 8))
+    message = {"model": model, "vector": tr.model_to_vector(net).numpy(), "lr": 0.01, "momentum": 0.0,
+               "batch_size": 64, "seed": 0}
+    return message | ({"channels": [4, 8]} if model == "cnn" else {}) | changes
+
+
+def test_a_batch_of_one_reveals_the_digit_so_approved_code_must_bound_it():
+    """Malicious data scientist: one SGD step on one digit; first-layer weight change / bias change is it."""
+    images, labels = data.mnist_raw(True)
+    x = data.normalize(images[:1])
+    model = tr.MLP()
+    w, b = model.net[1].weight.detach().clone(), model.net[1].bias.detach().clone()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tr.train_epoch(model, x, torch.from_numpy(labels[:1].astype(np.int64)), optimizer, 1, progress=False)
+    dw, db = model.net[1].weight.detach() - w, model.net[1].bias.detach() - b
+    unit = db.abs().argmax()
+    np.testing.assert_allclose(dw[unit] / db[unit], x.flatten(), atol=1e-3)  # the digit, recovered
+    with pytest.raises(ValueError, match="batch_size must be an integer >= 32, got 1"):
+        tr.checked_model(_message(batch_size=1), min_batch_size=32, max_lr=0.1)
+
+
+@pytest.mark.parametrize("changes, error", [
+    ({"batch_size": 31}, "batch_size must be an integer >= 32"),
+    ({"batch_size": 64.0}, "batch_size must be an integer"),
+    ({"lr": 0.5}, r"lr must be a number in \(0, 0.1\]"),
+    ({"lr": 0}, "lr must be a number"),
+    ({"momentum": 1.0}, "momentum must be a number"),
+    ({"seed": -1}, "seed must be an integer >= 0"),
+    ({"vector": np.zeros(10, dtype=np.float32)}, r"vector must be float32 of shape \(397510,\)"),
+    ({"vector": np.zeros(397510)}, "vector must be float32"),
+    ({"vector": np.full(397510, np.nan, dtype=np.float32)}, "NaN or infinite"),
+    ({"extra": 1}, "message keys must be"),
+    ({"model": "resnet"}, "model must be 'cnn'"),
+    ({"channels": [4, 8]}, "model must be 'cnn'"),
+])
+def test_checked_model_refuses_what_the_owner_did_not_allow(changes, error):
+    with pytest.raises(ValueError, match=error):
+        tr.checked_model(_message(**changes), min_batch_size=32, max_lr=0.1)
+
+
+def test_checked_model_builds_the_model_from_an_allowed_message():
+    message = _message("cnn", batch=3)
+    model, recipe = tr.checked_model(message, min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
+    assert isinstance(model, tr.CNN) and recipe["batch"] == 3 and recipe["channels"] == [4, 8]
+    assert torch.equal(tr.model_to_vector(model), torch.from_numpy(message["vector"]))
+    with pytest.raises(ValueError, match="channels must be two integers in 1..32"):
+        tr.checked_model(_message("cnn", channels=[4, 1000]), min_batch_size=32, max_lr=0.1)
+    with pytest.raises(ValueError, match="message keys"):
+        tr.checked_model(_message("cnn"), min_batch_size=32, max_lr=0.1, extra_ints=("batch",))

@@ -1,22 +1,44 @@
 """Secure-AI's helper package: the plumbing behind the tutorial notebooks.
 
-One concern per module:
+One concern per module, in four layers: a module imports only from its own layer or an earlier one, and
+nothing in a circle (``tests/test_layout.py`` checks both).
+
+L0, plumbing:
+
+* :mod:`secure_ai.quiet` - hides syft's log noise and Opacus's warnings
+* :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)
+
+L1, machine learning and maths, offline (no syft; code that runs on a datasite imports only these):
 
 * :mod:`secure_ai.data` - MNIST from ``$SECURE_AI_DATA``, as tensors, split among data owners
-* :mod:`secure_ai.training` - models, local train/evaluate loops, FedAvg, weights <-> arrays
-* :mod:`secure_ai.plots` - digit grids, per-owner label histograms, learning curves
-* :mod:`secure_ai.workers` - data owners as PySyft 0.9.5 datasites (imports syft)
-* :mod:`secure_ai.pointers` - pointers to a datasite's objects: send, compute remotely, fetch (Part 1)
-* :mod:`secure_ai.federated` - FedAvg whose local updates run on the owners' datasites (Part 2)
-* :mod:`secure_ai.privacy` - noise mechanisms, DP-SGD with Opacus, per-owner privacy ledgers (Part 3)
-* :mod:`secure_ai.secret_sharing` - additive secret sharing and per-round pairwise masks (Part 4)
-* :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
+* :mod:`secure_ai.training` - models, local train/evaluate loops, FedAvg, weights <-> arrays, and
+  ``checked_model``, the owner's bounds on a training message
+* :mod:`secure_ai.plots` - every figure of the series
+* :mod:`secure_ai.privacy` - noise mechanisms, accounting and ledgers, the DP bound on attacks (Part 3)
+* :mod:`secure_ai.dp_sgd` - DP-SGD with Opacus (Part 3)
+* :mod:`secure_ai.attacks` - what one update leaks: gradients, labels, gradient inversion, SSIM/PSNR (Part 5)
+* :mod:`secure_ai.membership` - what a trained model leaks: membership inference, ROC, margins (Part 5)
+* :mod:`secure_ai.costs` - time and bytes each protection costs an owner per round (Part 5)
+* :mod:`secure_ai.secret_sharing` - fixed point, additive sharing, key agreement, pairwise masks (Part 4)
 * :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 4)
-* :mod:`secure_ai.attacks` - gradient inversion, label inference, membership inference, the DP bound (Part 5)
-* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM; owner processes (Part 6)
+
+L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):
+
 * :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place
-* :mod:`secure_ai.quiet` - hides syft's log noise
-* :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)
+* :mod:`secure_ai.datasites` - the data owner's side: datasites, reviews and approvals, server processes
+* :mod:`secure_ai.remote` - the data scientist's side: one way to request a function and to run it
+
+L3, one workflow per chapter:
+
+* :mod:`secure_ai.pointers` - send, compute remotely, fetch (Part 1)
+* :mod:`secure_ai.federated` - FedAvg whose local updates run on the owners' datasites (Part 2)
+* :mod:`secure_ai.dp_fedavg` - DP-FedAvg with owner-side policies, checks and budgets (Part 3)
+* :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
+* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 6)
+
+Notebooks import modules under the same short names: ``from secure_ai import federated as fl``,
+``training as tr``, ``privacy as dp``, ``secret_sharing as ss``, ``encryption as he`` and
+``attacks as at``; the other modules keep their names (``from secure_ai import dp_sgd, plots``).
 
 Modules that import syft, Opacus or TenSEAL are not imported here, so ``import secure_ai`` stays fast.
 """

@@ -1,4 +1,4 @@
-"""Attacks on what federated learning sends and publishes: gradient inversion and membership inference.
+"""What one shared update leaks: its gradient, the labels of its batch, and the digits themselves.
 
 * updates: :func:`gradient_from_update` turns a one-step SGD update into the gradient it was made of
 * labels: :func:`infer_labels` reads the labels of a batch off the last layer's gradient (iDLG, Zhao et
@@ -7,39 +7,23 @@
   with the cosine distance and total-variation prior of Geiping et al. 2020)
 * quality: :func:`ssim` and :func:`psnr`, :func:`match_reconstructions` pairs each
   original digit with its best reconstruction
-* membership: :func:`loss_scores` (Yeom et al. 2018), :func:`shadow_confidences` and :func:`lira_scores`
-  (a small likelihood-ratio attack in the spirit of LiRA, Carlini et al. 2022)
-* :func:`attack_membership` runs both on one target model (trained by a function you give)
-* ROC: :func:`roc_curve`, :func:`roc_auc`, :func:`tpr_at_fpr`, and :func:`dp_tpr_bound`, the most any attack
-  can achieve against an (epsilon, delta)-DP training
-* the cost side of the privacy table: :func:`round_costs` (time and bytes per owner and round)
 
-Everything is seeded: the same inputs give the same numbers.
+What a trained model leaks (membership inference) is in :mod:`secure_ai.membership`. Everything is seeded:
+the same inputs give the same numbers.
 """
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .data import MNIST_MEAN, MNIST_STD
+from .data import MNIST_MEAN, MNIST_STD, check_images
 
 PIXEL_LOW, PIXEL_HIGH = (0.0 - MNIST_MEAN) / MNIST_STD, (1.0 - MNIST_MEAN) / MNIST_STD  # normalized range
-
-
-# --- updates and gradients ---------------------------------------------------------------------------------
-def _check_images(images: torch.Tensor, what: str = "images") -> None:
-    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
-        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
-        raise ValueError(f"{what} must be a float tensor of shape (N, 1, 28, 28), got {shape}")
-    if len(images) == 0:
-        raise ValueError(f"{what} is empty: an attack needs at least one image")
 
 
 def _parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -73,7 +57,7 @@ def gradient_from_update(before, after, lr: float, model: nn.Module) -> list[tor
 def gradient_of(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> list[torch.Tensor]:
     """The gradient of the mean cross-entropy loss of ``model`` on a batch, per parameter (what one SGD
     step on that batch uses)."""
-    _check_images(images)
+    check_images(images)
     if labels.shape != (len(images),):
         raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
     loss = nn.functional.cross_entropy(model(images), labels)
@@ -120,7 +104,7 @@ def infer_labels(gradient: Sequence[torch.Tensor], model: nn.Module, batch_size:
     if batch_size == 1:
         return g.argmin().reshape(1)
     if reference is not None:
-        _check_images(reference, "reference")
+        check_images(reference, "reference")
         model.eval()
         mean_softmax = torch.softmax(model(reference), 1).mean(0).double()
     else:
@@ -199,13 +183,13 @@ def invert_gradient(model: nn.Module, gradient: Sequence[torch.Tensor], labels: 
 # --- image quality -----------------------------------------------------------------------------------------
 def to_pixels(images: torch.Tensor) -> torch.Tensor:
     """Normalized digits (N, 1, 28, 28) back to pixel intensities in [0, 1]."""
-    _check_images(images)
+    check_images(images)
     return (images.float() * MNIST_STD + MNIST_MEAN).clamp(0, 1)
 
 
 def _pair(reconstructed: torch.Tensor, original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_images(reconstructed, "reconstructed")
-    _check_images(original, "original")
+    check_images(reconstructed, "reconstructed")
+    check_images(original, "original")
     if reconstructed.shape != original.shape:
         raise ValueError(f"shape mismatch: reconstructed {tuple(reconstructed.shape)}, "
                          f"original {tuple(original.shape)}")
@@ -268,8 +252,8 @@ def match_reconstructions(reconstructed: torch.Tensor,
     """
     from scipy.optimize import linear_sum_assignment
 
-    _check_images(reconstructed, "reconstructed")
-    _check_images(original, "original")
+    check_images(reconstructed, "reconstructed")
+    check_images(original, "original")
     r, o = len(reconstructed), len(original)
     scores = ssim(reconstructed.repeat_interleave(o, 0), original.repeat(r, 1, 1, 1)).reshape(r, o)
     rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
@@ -284,7 +268,7 @@ def same_class_ssim(images: torch.Tensor, labels: torch.Tensor, pairs: int = 200
     The yardstick for a reconstruction: one that resembles the owner's digit more than almost any other
     writer's digit of the same class did rebuild *that* digit, not just "a 3".
     """
-    _check_images(images)
+    check_images(images)
     labels = torch.as_tensor(labels)
     rng = np.random.default_rng(seed)
     by_class = [np.flatnonzero(labels.numpy() == c) for c in np.unique(labels.numpy())]
@@ -299,272 +283,3 @@ def same_class_ssim(images: torch.Tensor, labels: torch.Tensor, pairs: int = 200
         second.append(b)
     return ssim(images[first], images[second])
 
-
-# --- membership inference -----------------------------------------------------------------------------------
-@torch.no_grad()
-def _logits(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 1000):
-    _check_images(images)
-    labels = torch.as_tensor(labels)
-    if labels.shape != (len(images),):
-        raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
-    model.eval()
-    return torch.cat([model(images[i:i + batch_size]) for i in range(0, len(images), batch_size)]), labels
-
-
-def loss_scores(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """The loss-threshold attack (Yeom et al. 2018): score = minus the sample's loss.
-
-    Training drives the loss of members down, so a higher score means "more likely a member".
-    """
-    logits, labels = _logits(model, images, labels)
-    return -nn.functional.cross_entropy(logits, labels, reduction="none").double().numpy()
-
-
-def confidences(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> np.ndarray:
-    """LiRA's statistic per sample: ``log(p / (1 - p))`` of the true label's probability ``p``.
-
-    Computed from logits as ``logit_y - logsumexp(other logits)``, which stays exact where ``p`` rounds to 1.
-    Its distribution over training runs is close to Gaussian.
-    """
-    logits, labels = _logits(model, images, labels)
-    logits = logits.double()
-    true = logits.gather(1, labels[:, None])[:, 0]
-    others = logits.scatter(1, labels[:, None], -math.inf)
-    return (true - torch.logsumexp(others, 1)).numpy()
-
-
-def shadow_confidences(train: Callable[[torch.Tensor, torch.Tensor, int], nn.Module],
-                       images: torch.Tensor, labels: torch.Tensor, n_shadows: int, seed: int = 0,
-                       progress: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Train ``n_shadows`` shadow models, each on a random half of ``(images, labels)``.
-
-    ``train(images, labels, seed)`` must return a model trained the way the target was. Every sample is
-    in the training set of half the shadows (an even ``n_shadows`` splits each sample exactly in half).
-    Returns ``(confidences (n_shadows, N), membership mask (n_shadows, N))``.
-    """
-    _check_images(images)
-    if not isinstance(n_shadows, int) or n_shadows < 2 or n_shadows % 2:
-        raise ValueError(f"n_shadows must be an even integer >= 2, got {n_shadows!r}")
-    n = len(images)
-    rng = np.random.default_rng(seed)
-    # each sample is IN for exactly half of the shadows: a random permutation of a balanced column
-    column = np.arange(n_shadows) < n_shadows // 2
-    inside = np.stack([rng.permutation(column) for _ in range(n)], axis=1)
-    scores = np.zeros((n_shadows, n))
-    for k in tqdm(range(n_shadows), desc="shadow models", disable=not progress, mininterval=0.5):
-        members = torch.from_numpy(np.flatnonzero(inside[k]))
-        model = train(images[members], labels[members], seed + 1 + k)
-        scores[k] = confidences(model, images, labels)
-    return scores, inside
-
-
-def lira_scores(target: np.ndarray, shadows: np.ndarray, inside: np.ndarray,
-                global_variance: bool = True) -> np.ndarray:
-    """Likelihood-ratio membership scores (LiRA, Carlini et al. 2022, online version).
-
-    For each sample, fit one Gaussian to its confidence in the shadows that trained on it and one to the
-    shadows that did not; the score is the log-likelihood ratio of the target's confidence. With few
-    shadows, one variance shared by all samples (``global_variance``) is more stable, as LiRA recommends.
-    """
-    target, shadows, inside = np.asarray(target, float), np.asarray(shadows, float), np.asarray(inside, bool)
-    if shadows.ndim != 2 or shadows.shape != inside.shape or target.shape != (shadows.shape[1],):
-        raise ValueError(f"shape mismatch: target {target.shape}, shadows {shadows.shape}, "
-                         f"inside {inside.shape} (expected (N,), (K, N), (K, N))")
-    if (inside.sum(0) < 1).any() or ((~inside).sum(0) < 1).any():
-        raise ValueError("every sample needs at least one shadow that trained on it and one that did not")
-    mean_in = np.nanmean(np.where(inside, shadows, np.nan), 0)
-    mean_out = np.nanmean(np.where(~inside, shadows, np.nan), 0)
-    if global_variance:
-        std_in = np.full_like(mean_in, np.nanstd(np.where(inside, shadows - mean_in, np.nan)))
-        std_out = np.full_like(mean_out, np.nanstd(np.where(~inside, shadows - mean_out, np.nan)))
-    else:
-        std_in = np.nanstd(np.where(inside, shadows, np.nan), 0)
-        std_out = np.nanstd(np.where(~inside, shadows, np.nan), 0)
-    std_in, std_out = np.maximum(std_in, 1e-6), np.maximum(std_out, 1e-6)
-
-    def log_normal(x, mean, std):
-        return -0.5 * ((x - mean) / std) ** 2 - np.log(std)
-
-    return log_normal(target, mean_in, std_in) - log_normal(target, mean_out, std_out)
-
-
-# --- ROC, AUC, TPR at low FPR, and the DP bound -----------------------------------------------------------
-def _scores(members, non_members) -> tuple[np.ndarray, np.ndarray]:
-    members, non_members = np.asarray(members, float).ravel(), np.asarray(non_members, float).ravel()
-    if len(members) == 0 or len(non_members) == 0:
-        raise ValueError(f"need scores of members and non-members, got {len(members)} and {len(non_members)}")
-    if not (np.isfinite(members).all() and np.isfinite(non_members).all()):
-        raise ValueError("membership scores must be finite numbers")
-    return members, non_members
-
-
-def roc_curve(members, non_members) -> tuple[np.ndarray, np.ndarray]:
-    """``(FPR, TPR)`` of the attack "member if score >= t", for every threshold t, from (0, 0) to (1, 1)."""
-    members, non_members = _scores(members, non_members)
-    thresholds = np.unique(np.concatenate([members, non_members]))[::-1]
-    tpr = (members[None, :] >= thresholds[:, None]).mean(1) if len(thresholds) < 20000 else None
-    if tpr is None:  # pragma: no cover - large inputs: the same by sorting
-        tpr = 1 - np.searchsorted(np.sort(members), thresholds, side="left") / len(members)
-    fpr = 1 - np.searchsorted(np.sort(non_members), thresholds, side="left") / len(non_members)
-    return np.concatenate([[0.0], fpr]), np.concatenate([[0.0], tpr])
-
-
-def roc_auc(members, non_members) -> float:
-    """Area under the ROC curve: the chance that a random member scores above a random non-member
-    (ties count half). 0.5 is guessing, 1 is a perfect attack."""
-    from scipy.stats import rankdata
-
-    members, non_members = _scores(members, non_members)
-    ranks = rankdata(np.concatenate([members, non_members]))
-    m, n = len(members), len(non_members)
-    return float((ranks[:m].sum() - m * (m + 1) / 2) / (m * n))
-
-
-def auc_margin(n_members: int, n_non_members: int, sigmas: float = 3.0) -> float:
-    """How far from 0.5 the AUC of a *guessing* attack may land by chance: ``sigmas`` standard deviations
-    of the Mann-Whitney statistic, ``sqrt((m + n + 1) / (12 m n))``."""
-    if n_members < 1 or n_non_members < 1:
-        raise ValueError("need at least one member and one non-member")
-    m, n = n_members, n_non_members
-    return sigmas * math.sqrt((m + n + 1) / (12 * m * n))
-
-
-def _check_fpr(fpr) -> np.ndarray:
-    fpr = np.asarray(fpr, float)
-    if not ((fpr > 0) & (fpr < 1)).all():
-        raise ValueError(f"false-positive rates must lie strictly between 0 and 1, got {fpr}")
-    return fpr
-
-
-def tpr_at_fpr(members, non_members, fpr: float) -> float:
-    """The attack's true-positive rate at the lowest threshold whose false-positive rate is at most ``fpr``.
-
-    With ``n`` non-members, FPRs below ``1/n`` can only be measured as 0: use at least ``10 / fpr``.
-    """
-    _check_fpr(fpr)
-    fprs, tprs = roc_curve(members, non_members)
-    return float(tprs[fprs <= fpr].max())
-
-
-def dp_tpr_bound(fpr, epsilon: float, delta: float):
-    """The highest TPR any membership attack can reach at false-positive rate ``fpr`` against an
-    (epsilon, delta)-DP training: ``TPR <= e^epsilon * FPR + delta``, and, from the other side of the
-    definition, ``1 - FPR <= e^epsilon * (1 - TPR) + delta``; capped at 1 (Kairouz et al. 2015)."""
-    fpr = _check_fpr(fpr)
-    if not (math.isfinite(epsilon) and epsilon >= 0):
-        raise ValueError(f"epsilon must be a non-negative number, got {epsilon!r}")
-    if not 0 <= delta < 1:
-        raise ValueError(f"delta must be in [0, 1), got {delta!r}")
-    bound = np.minimum(np.exp(epsilon) * fpr + delta, 1 - np.exp(-epsilon) * (1 - delta - fpr))
-    bound = np.minimum(bound, 1.0)
-    return float(bound) if bound.ndim == 0 else bound
-
-
-def binomial_margin(rate: float, n: int, sigmas: float = 3.0) -> float:
-    """Sampling margin of a rate measured on ``n`` samples: ``sigmas`` standard deviations of a binomial
-    proportion, never below ``sigmas / n`` (one more hit out of ``n`` at rates near 0)."""
-    if n < 1:
-        raise ValueError(f"need at least one sample, got n={n}")
-    return sigmas * max(math.sqrt(rate * (1 - rate) / n), 1 / n)
-
-
-# --- one membership experiment -----------------------------------------------------------------------------
-@dataclass
-class MembershipAttack:
-    """Both membership attacks on one target model; ``member[i]`` says whether sample ``i`` trained it."""
-
-    member: np.ndarray
-    scores: dict[str, np.ndarray]
-    accuracy: float
-    model: nn.Module
-
-    def _split(self, attack: str):
-        if attack not in self.scores:
-            raise ValueError(f"unknown attack {attack!r}; measured: {sorted(self.scores)}")
-        return self.scores[attack][self.member], self.scores[attack][~self.member]
-
-    def auc(self, attack: str) -> float:
-        return roc_auc(*self._split(attack))
-
-    def tpr(self, attack: str, fpr: float) -> float:
-        return tpr_at_fpr(*self._split(attack), fpr)
-
-    def roc(self, attack: str) -> tuple[np.ndarray, np.ndarray]:
-        return roc_curve(*self._split(attack))
-
-
-def attack_membership(train: Callable[[torch.Tensor, torch.Tensor, int], nn.Module], images: torch.Tensor,
-                      labels: torch.Tensor, test: tuple[torch.Tensor, torch.Tensor], n_shadows: int = 8,
-                      seed: int = 0, progress: bool = True) -> MembershipAttack:
-    """Train a target on a random half of ``(images, labels)`` with ``train(images, labels, seed)``, then
-    attack it: the loss threshold, and LiRA with ``n_shadows`` shadow models trained the same way.
-
-    The other half are the non-members, drawn from the same distribution. ``test`` gives the target's
-    test accuracy.
-    """
-    from .training import evaluate
-
-    _check_images(images)
-    member = np.random.default_rng(seed).permutation(len(images)) < len(images) // 2
-    target = train(images[torch.from_numpy(member)], labels[torch.from_numpy(member)], seed)
-    shadows, inside = shadow_confidences(train, images, labels, n_shadows, seed=seed + 1, progress=progress)
-    scores = {"loss threshold": loss_scores(target, images, labels),
-              "LiRA": lira_scores(confidences(target, images, labels), shadows, inside)}
-    return MembershipAttack(member, scores, evaluate(target, *test)[0], target)
-
-
-# --- what each protection costs an owner per round ----------------------------------------------------------
-def _best_time(function: Callable[[], object], repeat: int) -> tuple[float, object]:
-    best, result = math.inf, None
-    for _ in range(repeat):
-        tic = time.perf_counter()
-        result = function()
-        best = min(best, time.perf_counter() - tic)
-    return best, result
-
-
-def round_costs(local_update: Callable[[bool], torch.Tensor], n_samples: int, n_owners: int = 3,
-                repeat: int = 3) -> dict[str, dict[str, float]]:
-    """Seconds and bytes one owner spends per round with each protection of the series, without syft.
-
-    ``local_update(dp)`` runs one owner's local training (DP-SGD when ``dp``) and returns the flat weight
-    vector it would send. Pairwise masks and CKKS are timed on that vector with ``n_owners`` owners: the
-    owner's own work plus its share (1 / n_owners) of the aggregator's. Bytes are what one owner sends.
-    Fastest of ``repeat`` runs (a busy machine only ever adds time).
-    """
-    from . import encryption as he
-    from . import secret_sharing as ss
-
-    plain_seconds, vector = _best_time(lambda: local_update(False), repeat)
-    dp_seconds, _ = _best_time(lambda: local_update(True), repeat)
-    vector = np.asarray(vector, dtype=np.float64)
-    keys = {f"owner{i}": ss.generate_keypair() for i in range(n_owners)}
-    public = {name: pk for name, (_, pk) in keys.items()}
-
-    def masked_round():
-        masked = {name: ss.mask(ss.encode_weighted(vector, n_samples), name, sk, public, 0)
-                  for name, (sk, _) in keys.items()}
-        ss.decode_weighted_average(ss.unmask_sum(masked, list(keys), 0))
-        return masked["owner0"].nbytes
-
-    context = he.make_context()
-    public_context = he.public_context(context)
-
-    def ckks_round():
-        sent = [he.encrypt_weighted(public_context, vector, n_samples).to_bytes() for _ in range(n_owners)]
-        total = he.aggregate([he.EncryptedVector.from_bytes(public_context, c) for c in sent])
-        he.decrypt_weighted_average(total, context)
-        return len(sent[0])
-
-    mask_seconds, mask_bytes = _best_time(masked_round, repeat)
-    ckks_seconds, ckks_bytes = _best_time(ckks_round, 1)
-    plain_bytes = vector.size * 4  # float32 weights
-    costs = {
-        "plain FedAvg": (plain_seconds, plain_bytes),
-        "FedAvg + DP": (dp_seconds, plain_bytes),
-        "secure aggregation (masks)": (plain_seconds + mask_seconds / n_owners, mask_bytes),
-        "CKKS": (plain_seconds + ckks_seconds / n_owners, ckks_bytes),
-        "DP + secure aggregation": (dp_seconds + mask_seconds / n_owners, mask_bytes),
-    }
-    return {name: {"seconds": s, "bytes": b, "time vs plain": s / plain_seconds,
-                   "bytes vs plain": b / plain_bytes} for name, (s, b) in costs.items()}

@@ -1,4 +1,4 @@
-"""MNIST on disk, as tensors in memory, and split among data owners.
+"""MNIST on disk, as tensors in memory, split among data owners, and the checks of digit tensors.
 
 The data root comes from the environment variable ``SECURE_AI_DATA`` (default: ``data/`` at the
 repository root). torchvision looks for ``<root>/MNIST/raw/`` and downloads there when files are missing.
@@ -72,6 +72,15 @@ def normalize(images) -> torch.Tensor:
         if dtype == torch.uint8 and images.ndim == 3 and tuple(shape[1:]) == (28, 28):
             return images.unsqueeze(1).float().div_(255.0).sub_(MNIST_MEAN).div_(MNIST_STD)
     raise ValueError(f"expected uint8 images of shape (N, 28, 28), got {dtype} {tuple(shape)}")
+
+
+def check_images(images: torch.Tensor, what: str = "images") -> None:
+    """``ValueError`` unless ``images`` is a non-empty tensor of normalized digits, shape (N, 1, 28, 28)."""
+    if not isinstance(images, torch.Tensor) or images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28):
+        shape = tuple(images.shape) if hasattr(images, "shape") else type(images).__name__
+        raise ValueError(f"{what} must be a float tensor of shape (N, 1, 28, 28), got {shape}")
+    if len(images) == 0:
+        raise ValueError(f"{what} is empty: an attack needs at least one image")
 
 
 def read_idx(path: str | Path) -> np.ndarray:

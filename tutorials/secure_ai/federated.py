@@ -1,4 +1,4 @@
-"""Federated averaging (FedAvg) where every local update runs on a data owner's datasite, through syft.
+"""Part 2's workflow: federated averaging (FedAvg) whose local updates run on the owners' datasites.
 
 The round trip, in syft 0.9.5 terms:
 
@@ -10,8 +10,9 @@ The round trip, in syft 0.9.5 terms:
   and gets a dict back; the data scientist averages the weights (:func:`secure_ai.training.fedavg`).
 
 An approval pins the code, not its inputs: the data scientist picks the ``weights`` message anew on every
-call. Approved training code therefore starts with :func:`checked_model`, the owner's bounds on that message
-(minimum batch size, learning rate, model shape, finite weights).
+call. Approved training code therefore starts with :func:`secure_ai.training.checked_model`, the owner's
+bounds on that message (minimum batch size, learning rate, model shape, finite weights). The request and
+the call go through :mod:`secure_ai.remote`; this module chooses the assets they bind.
 
 Why it is fast: the assets stay on the datasite in their compact uint8 form, one call per owner per
 round does a whole local epoch, the mock is small (syft also runs approved code on the mock), and
@@ -25,11 +26,11 @@ from collections.abc import Callable, Mapping
 import numpy as np
 from tqdm.auto import tqdm
 
+from . import remote
 from .data import mock_like
-from .quiet import quiet
+from .datasites import DataOwner
 from .runtime import release_memory
-from .training import CNN, MLP, evaluate, fedavg, get_weights, set_weights, vector_to_model
-from .workers import DataOwner, RemoteError, _clean, call, sy
+from .training import evaluate, fedavg, get_weights, set_weights
 
 DATASET = "mnist"
 
@@ -62,25 +63,13 @@ def request_training(client, train_function: Callable, rounds: int,
     datasite (say ``{"secret_key": asset}``); the function then takes those arguments too.
     Returns the submitted syft function.
     """
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
+    remote.check_rounds(rounds)
     if DATASET not in [d.name for d in client.datasets]:
         raise ValueError(f"{client.name} has no dataset {DATASET!r}: upload it with upload_mnist first")
-    inputs = _asset_kwargs(client, extra_assets)
-    from syft.service.policy.policy import OutputPolicyExecuteCount
-
-    with quiet():
-        function = sy.syft_function(
-            input_policy=sy.MixedInputPolicy(client=client, **inputs, weights=dict),
-            output_policy=OutputPolicyExecuteCount(limit=rounds),
-        )(train_function)
-        result = client.code.request_code_execution(function)
-    if isinstance(result, sy.SyftError):
-        raise RemoteError(_clean(result.message))
-    return function
+    return remote.request(client, train_function, rounds, training_assets(client, extra_assets))
 
 
-def _asset_kwargs(client, extra_assets: Mapping[str, object] | None) -> dict:
+def training_assets(client, extra_assets: Mapping[str, object] | None = None) -> dict:
     """The asset arguments of a training function: ``images``, ``labels`` and any ``extra_assets``."""
     assets = client.datasets[DATASET].assets
     inputs = {"images": assets["images"], "labels": assets["labels"]}
@@ -99,75 +88,14 @@ def _asset_kwargs(client, extra_assets: Mapping[str, object] | None) -> dict:
     return inputs | dict(extra_assets or {})
 
 
-def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_momentum: float = 0.99,
-                  max_channels: int = 32, extra_ints: tuple[str, ...] = ()):
-    """Owner side, first thing in approved training code: the data scientist's message, within bounds.
-
-    The message is ``{"model": "cnn" | "mlp", "channels": [c1, c2] (cnn only), "vector": weights, "lr",
-    "momentum", "batch_size", "seed"}`` plus the integer keys named in ``extra_ints``. Refused with a
-    ``ValueError``: unknown or missing keys, ``batch_size < min_batch_size``, ``lr`` outside
-    ``(0, max_lr]``, ``momentum`` outside ``[0, max_momentum]``, channels outside ``1..max_channels``, and a
-    ``vector`` that is not a finite float32 vector of exactly the model's size.
-    Returns ``(model with the vector loaded, the checked message)``.
-    """
-    if not isinstance(message, Mapping):
-        raise ValueError(f"the message must be a dict, got {type(message).__name__}")
-    required = {"model", "vector", "lr", "momentum", "batch_size", "seed", *extra_ints}
-    allowed = required | {"channels"}
-    if set(message) - allowed or required - set(message):
-        raise ValueError(f"message keys must be {sorted(required)} (and 'channels' for a cnn), got "
-                         f"{sorted(message)}")
-
-    def integer(key, low):
-        value = message[key]
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
-        return int(value)
-
-    def number(key, low, high, low_open):
-        value = message[key]
-        if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not (
-            (low < value if low_open else low <= value) and value <= high
-        ):
-            interval = f"{'(' if low_open else '['}{low}, {high}]"
-            raise ValueError(f"{key} must be a number in {interval}, got {value!r}")
-        return float(value)
-
-    checked = {"model": message["model"], "batch_size": integer("batch_size", min_batch_size),
-               "seed": integer("seed", 0), "lr": number("lr", 0, max_lr, True),
-               "momentum": number("momentum", 0, max_momentum, False)}
-    checked |= {key: integer(key, 0) for key in extra_ints}
-    if checked["model"] == "cnn":
-        channels = message.get("channels")
-        if (not isinstance(channels, list | tuple) or len(channels) != 2
-                or not all(isinstance(c, int) and 1 <= c <= max_channels for c in channels)):
-            raise ValueError(f"channels must be two integers in 1..{max_channels}, got {channels!r}")
-        checked["channels"] = list(channels)
-        model = CNN(channels=tuple(channels))
-    elif checked["model"] == "mlp" and "channels" not in message:
-        model = MLP()
-    else:
-        raise ValueError(f"model must be 'cnn' (with channels) or 'mlp', got {checked['model']!r}")
-    vector = message["vector"]
-    size = sum(p.numel() for p in model.parameters())
-    if not (isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (size,)):
-        raise ValueError(f"vector must be float32 of shape ({size},) for this {checked['model']}, got "
-                         f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}")
-    if not np.isfinite(vector).all():
-        raise ValueError("vector holds NaN or infinite weights")
-    return vector_to_model(vector, model), checked
-
-
 def train_remotely(client, function_name: str, weights: Mapping[str, np.ndarray],
                    extra_assets: Mapping[str, object] | None = None) -> dict:
     """One local update on one datasite: send ``weights``, run the approved function, get its dict back.
 
     Pass the same ``extra_assets`` as to :func:`request_training`.
     """
-    remote = getattr(client.code, function_name, None)
-    if remote is None:
-        raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_training")
-    return call(remote, **_asset_kwargs(client, extra_assets), weights=dict(weights))
+    return remote.run(client, function_name, weights, training_assets(client, extra_assets),
+                      requested_with="request_training")
 
 
 def fedavg_round(clients: Mapping[str, object], function_name: str, weights: Mapping[str, np.ndarray]):

@@ -1,4 +1,8 @@
-"""Plots a reader would rather look at than read: digits, label histograms, learning curves."""
+"""Every figure of the series: what a reader would rather look at than read.
+
+Digits, label histograms and learning curves (Parts 1-2, 6); noisy answers and privacy against utility
+(Part 3); reconstructions and membership ROC curves with the DP bound (Part 5); label shares per owner.
+"""
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -9,6 +13,7 @@ import torch
 from matplotlib.ticker import MaxNLocator
 
 from .data import MNIST_MEAN, MNIST_STD
+from .privacy import dp_tpr_bound
 
 
 def show_digits(images, labels=None, n: int = 32, cols: int = 8, title: str | None = None):
@@ -72,6 +77,62 @@ def plot_learning_curves(curves: Mapping[str, Sequence[float]], xlabel: str = "r
     return ax.figure
 
 
+# --- Part 3: differential privacy ------------------------------------------------------------------------
+def plot_noisy_answers(answers: Mapping[str, Sequence[float]], bins: int = 60, ax=None):
+    """Overlaid histograms of a mechanism's answers, e.g. on two datasets that differ in one person."""
+    if not answers:
+        raise ValueError("answers is empty: pass {dataset name: noisy answers}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 3.2))
+    values = np.concatenate([np.asarray(a, dtype=float).ravel() for a in answers.values()])
+    edges = np.linspace(values.min(), values.max(), bins + 1)
+    for name, a in answers.items():
+        ax.hist(np.asarray(a, dtype=float).ravel(), bins=edges, alpha=0.5, label=name)
+    ax.set(xlabel="noisy answer", ylabel="how often")
+    ax.legend()
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+_EPSILON_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 3, 5, 8, 10, 20, 50)
+
+
+def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], baseline: float | None = None,
+                         anchors: Mapping[str, tuple[float, float]] | None = None, log_epsilon: bool = True,
+                         xlabel: str = "epsilon (delta = 1e-5)", ax=None):
+    """Test accuracy against epsilon: one line of ``(epsilon, accuracy)`` points per run.
+
+    ``baseline`` draws the non-private model's accuracy as a horizontal line; ``anchors`` marks
+    published results ``{label: (epsilon, accuracy)}``. Epsilon is on a log scale unless ``log_epsilon``
+    is false. Compare like with like: give every curve and anchor by the same accountant, named in ``xlabel``.
+    """
+    if not curves:
+        raise ValueError("curves is empty: pass {run name: [(epsilon, accuracy), ...]}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(9, 4))
+    epsilons = []
+    for name, points in curves.items():
+        points = np.asarray(points, dtype=float).reshape(-1, 2)
+        ax.plot(points[:, 0], points[:, 1], marker="o", label=name)
+        epsilons.extend(points[:, 0])
+    if baseline is not None:
+        ax.axhline(baseline, color="black", linestyle="--", label=f"non-private ({baseline:.1%})")
+    for label, (epsilon, accuracy) in (anchors or {}).items():
+        ax.plot([epsilon], [accuracy], marker="*", markersize=12, linestyle="none", label=label)
+        epsilons.append(epsilon)
+    ax.set(xlabel=xlabel, ylabel="test accuracy")
+    if log_epsilon:
+        ax.set_xscale("log")
+        low, high = min(epsilons), max(epsilons)
+        ticks = [t for t in _EPSILON_TICKS if low / 1.5 <= t <= high * 1.5]
+        ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+        ax.minorticks_off()
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.figure.tight_layout()
+    return ax.figure
+
+
 # --- Part 5: attacks --------------------------------------------------------------------------------------
 def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float | None = None):
     """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, ssim)}``.
@@ -111,8 +172,6 @@ def plot_roc(curves: Mapping[str, tuple], bounds: Mapping[str, tuple[float, floa
     most any attack can reach against that DP training (dashed, in the colour of the curve in the same
     position). The diagonal is guessing.
     """
-    from .attacks import dp_tpr_bound
-
     if not curves:
         raise ValueError("curves is empty: pass {attack: (fpr, tpr)}")
     if ax is None:

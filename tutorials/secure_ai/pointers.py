@@ -1,4 +1,4 @@
-"""Pointers: computing on a datasite's objects from far away, the PySyft 0.9.5 way.
+"""Part 1's workflow: pointers, computing on a datasite's objects from far away, the PySyft 0.9.5 way.
 
 A data scientist sends an object to a datasite and keeps a *pointer*: where the object lives and its id,
 and no data. Operations on pointers (``x + y``, ``x.exp()``, ``x @ w``) are sent to the datasite, run
@@ -19,10 +19,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from syft.service.action.action_data_empty import ActionDataEmpty
-
+from .datasites import DataOwner, sy  # first: it imports syft quietly, and patches it
 from .quiet import quiet
-from .workers import DataOwner, sy
+
+# isort: split
+from syft.service.action.action_data_empty import ActionDataEmpty  # syft, after secure_ai.datasites
 
 __all__ = ["enable_pointer_ops", "send", "describe", "fetch", "read_private", "stored_on"]
 
@@ -32,7 +33,7 @@ def enable_pointer_ops(owner: DataOwner) -> None:
 
     Clients that logged in before this call must log in again to see the change.
     """
-    owner._check_running()
+    owner.check_running()
     with quiet():
         owner.client.settings.update(eager_execution_enabled=True)
 
@@ -116,7 +117,7 @@ def read_private(asset) -> Any:
 
 def stored_on(owner: DataOwner, pointer: sy.ActionObject) -> Any:
     """Owner side: the object behind a pointer, from ``owner``'s own store (``LookupError`` if absent)."""
-    owner._check_running()
+    owner.check_running()
     from syft.types.errors import SyftException
 
     with quiet():

@@ -1,8 +1,9 @@
-"""Keep syft's banners, log lines, warnings and upload bars out of the reader's way.
+"""Keep syft's and Opacus's banners, log lines, warnings and upload bars out of the reader's way.
 
 syft 0.9.5 talks a lot: a CRITICAL log line per server start, "Using SQLiteDBConfig", SyftInfo/SyftSuccess
 boxes, "Approving request ..." prints, tqdm "Uploading" bars and many Python warnings. The helper wraps its
 own syft calls in :func:`quiet`; set ``SECURE_AI_VERBOSE=1`` to see everything again while debugging.
+Opacus warns about its secure RNG and backward hooks on every call: :func:`quiet_opacus` hides only those.
 """
 from __future__ import annotations
 
@@ -48,3 +49,13 @@ def quiet() -> Iterator[None]:
             yield
     finally:
         logging.disable(previous)
+
+
+@contextlib.contextmanager
+def quiet_opacus() -> Iterator[None]:
+    """Hide Opacus's warnings (secure RNG off, backward hooks) inside the block; errors still propagate."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", module="opacus")
+        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
+        warnings.filterwarnings("ignore", message=".*backward hook.*")
+        yield

@@ -1,4 +1,4 @@
-"""Federated rounds at scale: owners trained at the same time, a deadline per round, dropouts recorded.
+"""Part 6's workflow: rounds at scale, owners trained at once, a deadline per round, dropouts recorded.
 
 A :class:`Federation` holds one *trainer* per data owner: a callable ``message -> reply``. For a real owner
 it is :func:`remote_trainer` (an approved syft function on the owner's datasite, in-process or over HTTP);
@@ -15,17 +15,12 @@ more samples than the owner declared at setup (``max_samples``), is dropped and 
 the average. A malicious owner can still send a wrong update of the right form; robust aggregation is out
 of scope here.
 
-Also here: the process behind an HTTP owner (:func:`server_process`), and real failures for the lessons
-and tests: :func:`kill_owner` (SIGKILL) and :func:`pause_owner` / :func:`resume_owner` (SIGSTOP/SIGCONT, a
-straggler). :func:`free_port` asks the OS for a free port: never hard-code ports.
+The processes behind HTTP owners, and the real failures the chapter causes (kill, pause, resume), are the
+owners' side: :mod:`secure_ai.datasites`.
 """
 from __future__ import annotations
 
-import atexit
-import inspect
 import math
-import signal
-import socket
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -33,15 +28,14 @@ from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 
 import numpy as np
-import psutil
 
+from . import remote
+from .federated import training_assets
 from .quiet import quiet
 from .runtime import release_memory
 from .training import fedavg, model_to_vector, vector_to_model
-from .workers import DataOwner, call_unsilenced, shutdown_all
 
 Trainer = Callable[[Mapping], Mapping]
-_paused: set[int] = set()  # pids this process stopped with SIGSTOP and has not resumed
 
 
 # --- training code that runs on an owner's datasite (syft sends its source: it imports what it uses) -----
@@ -52,8 +46,7 @@ def train_local_epoch(images, labels, weights):
     import numpy as np
     import torch
 
-    from secure_ai.federated import checked_model
-    from secure_ai.training import model_to_vector, train_epoch
+    from secure_ai.training import checked_model, model_to_vector, train_epoch
 
     start = time.perf_counter()
     torch.set_num_threads(1)  # a small model: one thread, so that owners sharing a machine do not thrash
@@ -72,17 +65,16 @@ def remote_trainer(client, function_name: str, max_samples: int | None = None) -
     ``max_samples``: the count the owner declared (syft shows the data scientist only the mock's shape);
     a reply that claims more is dropped.
 
-    Safe to call from a worker thread: unlike :func:`secure_ai.workers.call` it does not redirect the
+    Safe to call from a worker thread: unlike :func:`secure_ai.remote.call` it does not redirect the
     process's output (the round does that once, in the main thread).
     """
-    from .federated import _asset_kwargs
-
     if getattr(client.code, function_name, None) is None:
         raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_training")
-    inputs = _asset_kwargs(client, None)  # the images and labels, as federated.train_remotely passes them
+    inputs = training_assets(client)  # the images and labels, as federated.train_remotely passes them
 
     def train(message: Mapping) -> Mapping:
-        return call_unsilenced(getattr(client.code, function_name), **inputs, weights=dict(message))
+        return remote.run(client, function_name, message, inputs, threaded=True,
+                          requested_with="request_training")
 
     train.max_samples = max_samples
     return train
@@ -315,71 +307,6 @@ class Federation:
         return [record.row() for record in self.records]
 
 
-# --- owners as processes -----------------------------------------------------------------------------------
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port that the OS says is free right now (other programs may run servers at the same time)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
-def server_process(owner: DataOwner) -> psutil.Process:
-    """The operating-system process that serves an HTTP owner's datasite."""
-    if owner.port is None:
-        raise ValueError(f"{owner.name} runs in memory, inside this process: start it with a port")
-    if not owner.is_running:
-        raise ValueError(f"{owner.name} has been shut down")
-    process = inspect.getclosurevars(owner._handle.shutdown).nonlocals.get("server_process")
-    if process is None or process.pid is None:
-        raise RuntimeError(f"cannot find the server process of {owner.name} (syft's launcher changed?)")
-    return psutil.Process(process.pid)
-
-
-def memory_mb(owner: DataOwner) -> float:
-    """Resident memory of an HTTP owner's server process, in MB."""
-    return server_process(owner).memory_info().rss / 1e6
-
-
-def kill_owner(owner: DataOwner) -> int:
-    """Really kill an HTTP owner's server (SIGKILL, as a crash or a pulled plug); returns its pid.
-
-    The :class:`DataOwner` stays registered, so :func:`secure_ai.workers.shutdown_all` still removes its
-    files; its port is free again.
-    """
-    process = server_process(owner)
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=10)
-    _paused.discard(process.pid)
-    return process.pid
-
-
-def pause_owner(owner: DataOwner) -> int:
-    """Freeze an HTTP owner's server (SIGSTOP): it accepts nothing until :func:`resume_owner`."""
-    process = server_process(owner)
-    process.send_signal(signal.SIGSTOP)
-    _paused.add(process.pid)
-    return process.pid
-
-
-def resume_owner(owner: DataOwner) -> int:
-    """Let a paused owner's server run again (SIGCONT); it then answers what it was asked."""
-    process = server_process(owner)
-    process.send_signal(signal.SIGCONT)
-    _paused.discard(process.pid)
-    return process.pid
-
-
-def stop_everything() -> None:
-    """Resume any paused server (so it can stop cleanly), then shut every owner down and delete its files."""
-    for pid in list(_paused):
-        try:
-            psutil.Process(pid).send_signal(signal.SIGCONT)
-        except psutil.NoSuchProcess:
-            pass
-        _paused.discard(pid)
-    shutdown_all()
-
-
 def dropouts(records: Sequence[RoundRecord]) -> dict[str, list[int]]:
     """Rounds each owner was left out of: ``{owner: [round, ...]}`` (only owners that were)."""
     out: dict[str, list[int]] = {}
@@ -388,5 +315,3 @@ def dropouts(records: Sequence[RoundRecord]) -> dict[str, list[int]]:
             out.setdefault(name, []).append(record.round)
     return out
 
-
-atexit.register(stop_everything)  # runs before workers' shutdown_all (atexit is last-in, first-out)

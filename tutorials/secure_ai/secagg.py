@@ -1,4 +1,8 @@
-"""Secure aggregation with double masking, and every check an owner makes on what the aggregator sends.
+"""Part 4's workflow: secure aggregation with double masking, and every check an owner makes on it.
+
+It is the owners' protocol for both secure methods of the chapter: masked FedAvg (below) and the owner's
+step of CKKS aggregation (:func:`owner_encrypt`); the maths are in :mod:`secure_ai.secret_sharing` and
+:mod:`secure_ai.encryption`, the syft requests and calls in :mod:`secure_ai.remote`.
 
 Threat model: the data scientist, who aggregates, may be **honest-but-curious** (follows the protocol,
 studies what it receives) or **malicious** (sends forged keys, invented names, replayed rounds, false
@@ -106,7 +110,7 @@ def make_config(run_id: str, me: str, roster: Mapping[str, bytes], ledger: str |
                 threshold: int | None = None, ckks_public_context: bytes | None = None,
                 ckks_mac_key: bytes | None = None) -> OwnerConfig:
     """Owner side, at setup: a checked :class:`OwnerConfig` (duplicate keys and a missing self refused)."""
-    roster = {str(name): bytes(ss._raw_bytes(key)) for name, key in roster.items()}
+    roster = {str(name): bytes(ss.raw_bytes(key)) for name, key in roster.items()}
     digest = None if ckks_public_context is None else hashlib.sha256(bytes(ckks_public_context)).hexdigest()
     return OwnerConfig(str(run_id), me, roster, threshold or default_threshold(len(roster)),
                        None if ledger is None else str(ledger), digest,
@@ -134,7 +138,7 @@ def setup_owner(owner, config: OwnerConfig, secret_key, dataset: str = "secagg")
     if ss.public_key_of(secret_key) != config.roster[config.me]:
         raise ValueError(f"the secret key does not belong to {config.me}'s public key in the roster")
     mock_key, _ = ss.generate_keypair()
-    as_row = lambda key: np.frombuffer(ss._raw_bytes(key), dtype=np.uint8)[None]
+    as_row = lambda key: np.frombuffer(ss.raw_bytes(key), dtype=np.uint8)[None]
     return owner.upload_dataset(
         dataset, private={"secret_key": as_row(secret_key), "config": config.to_asset()},
         mock={"secret_key": as_row(mock_key), "config": mock_config(config, mock_key).to_asset()},
@@ -143,9 +147,9 @@ def setup_owner(owner, config: OwnerConfig, secret_key, dataset: str = "secagg")
 
 def ledger_path(owner, run_id: str) -> Path:
     """Owner side: where its ledger lives, inside its datasite's folder (removed when it shuts down)."""
-    from syft.server.utils import get_named_server_uid
+    from .datasites import TEMP_ROOT  # first: it imports syft quietly, and patches it
 
-    from .workers import TEMP_ROOT
+    from syft.server.utils import get_named_server_uid  # isort: skip
 
     return TEMP_ROOT / str(get_named_server_uid(owner.name)) / f"secagg-ledger-{run_id}.json"
 
@@ -161,30 +165,17 @@ def request_step(client, function: Callable, rounds: int, dataset: str = "secagg
 
     Unlike a training function it is not bound to the images, so a call does not load them (faster).
     """
-    from syft.service.policy.policy import OutputPolicyExecuteCount
+    from . import remote
 
-    from .workers import RemoteError, _clean, quiet, sy
-
-    if not isinstance(rounds, int) or rounds < 1:
-        raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
-    with quiet():
-        step = sy.syft_function(input_policy=sy.MixedInputPolicy(client=client, **assets(client, dataset),
-                                                                 weights=dict),
-                                output_policy=OutputPolicyExecuteCount(limit=rounds))(function)
-        result = client.code.request_code_execution(step)
-    if isinstance(result, sy.SyftError):
-        raise RemoteError(_clean(result.message))
-    return step
+    remote.check_rounds(rounds)
+    return remote.request(client, function, rounds, assets(client, dataset))
 
 
 def call_step(client, function_name: str, request: Mapping, dataset: str = "secagg") -> dict:
     """Data-scientist side: run an approved protocol step (:func:`request_step`) and bring its answer back."""
-    from .workers import call
+    from . import remote
 
-    remote = getattr(client.code, function_name, None)
-    if remote is None:
-        raise ValueError(f"{client.name} has no function {function_name!r}; request it with request_step")
-    return call(remote, **assets(client, dataset), weights=dict(request))
+    return remote.run(client, function_name, request, assets(client, dataset), requested_with="request_step")
 
 
 # --- the owner's state --------------------------------------------------------------------------------
@@ -267,7 +258,7 @@ def _confirmation(key: bytes, config: OwnerConfig, r: int, survivors: Sequence[s
 
 def _self_seed(secret_key, config: OwnerConfig, r: int) -> bytes:
     """``b_i`` of round r: only this owner can compute it; revealing it tells nothing about other rounds'."""
-    own = hashlib.sha256(b"secure-ai self mask" + ss._raw_bytes(secret_key)).digest()
+    own = hashlib.sha256(b"secure-ai self mask" + ss.raw_bytes(secret_key)).digest()
     return ss.round_seed(own, config.run_id, r, "self mask")
 
 
@@ -290,7 +281,7 @@ def owner_mask(update, secret_key, config, request: Mapping) -> dict:
         state["masked"] = r
 
     Ledger(config.ledger, config.run_id).update(claim)
-    update = ss._as_ring(update, "owner_mask").reshape(-1)
+    update = ss.as_ring(update, "owner_mask").reshape(-1)
     self_mask = ss.expand_seed(_self_seed(secret_key, config, r), update.size)
     masked = ss.mask(update + self_mask, config.me, secret_key, config.roster, r, config.run_id)
     return {"masked": masked}

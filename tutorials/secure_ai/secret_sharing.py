@@ -1,4 +1,8 @@
-"""Additive secret sharing, Shamir sharing and pairwise masking over the ring of 64-bit integers.
+"""Ring maths for secure aggregation: fixed point, additive sharing, key agreement and pairwise masks.
+
+Everything works over the ring of 64-bit integers. (Bonawitz et al. also Shamir-share each owner's keys,
+so that a round survives an owner dropping out while unmasking; this package does not, see
+:mod:`secure_ai.secagg`.)
 
 * Fixed point: a float ``x`` becomes the integer ``round(x * 2**fraction_bits)`` modulo ``2**64`` (negative
   numbers wrap around, as in two's complement). NumPy's ``uint64`` arithmetic wraps by itself, so adding
@@ -62,11 +66,12 @@ def encode(values, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
 def decode(ring_values, fraction_bits: int = FRACTION_BITS) -> np.ndarray:
     """Ring elements (``uint64``) -> floats (``float64``); the upper half of the ring holds negatives."""
     _check_fraction_bits(fraction_bits)
-    ring_values = _as_ring(ring_values, "decode")
+    ring_values = as_ring(ring_values, "decode")
     return ring_values.view(np.int64).astype(np.float64) / 2.0**fraction_bits
 
 
-def _as_ring(values, what: str) -> np.ndarray:
+def as_ring(values, what: str) -> np.ndarray:
+    """``values`` as a uint64 array (ring elements); ``ValueError`` naming ``what`` for any other dtype."""
     values = np.asarray(values)
     if values.dtype != np.uint64:
         raise ValueError(f"{what} needs ring elements (uint64), got {values.dtype}: encode() floats first")
@@ -100,7 +105,7 @@ def share(secret, n_parties: int, rng: np.random.Generator | None = None) -> lis
 
     The first ``n_parties - 1`` shares are uniformly random; the last is ``secret - (their sum)``.
     """
-    secret = _as_ring(secret, "share")
+    secret = as_ring(secret, "share")
     if not isinstance(n_parties, (int, np.integer)) or n_parties < 2:
         raise ValueError(f"secret sharing needs at least 2 parties, got {n_parties!r}")
     randoms = [random_ring(secret.shape, rng) for _ in range(n_parties - 1)]
@@ -145,7 +150,7 @@ def reconstruct(shares: Sequence[Share]) -> np.ndarray:
         raise ValueError(f"shares have different shapes: {sorted(shapes)}")
     total = np.zeros(shares[0].values.shape, dtype=np.uint64)
     for s in shares:
-        total += _as_ring(s.values, "reconstruct")
+        total += as_ring(s.values, "reconstruct")
     return total
 
 
@@ -165,20 +170,20 @@ _KEY_BYTES = 256  # public keys are 2048-bit numbers
 _SECRET_BYTES = 32  # 256-bit secret exponents
 
 
-def _raw_bytes(key) -> bytes:
+def raw_bytes(key) -> bytes:
     """Keys travel as ``bytes``, or as ``uint8`` arrays where they are stored as datasite assets."""
     return bytes(key) if isinstance(key, (bytes, bytearray)) else np.asarray(key).tobytes()
 
 
 def _secret_int(secret_key) -> int:
-    raw = _raw_bytes(secret_key)
+    raw = raw_bytes(secret_key)
     if len(raw) != _SECRET_BYTES:
         raise ValueError(f"a secret key has {_SECRET_BYTES} bytes, got {len(raw)}")
     return int.from_bytes(raw, "big")
 
 
 def _public_int(public_key) -> int:
-    raw = _raw_bytes(public_key)
+    raw = raw_bytes(public_key)
     value = int.from_bytes(raw, "big")
     if len(raw) != _KEY_BYTES or not 2 <= value <= MODP_PRIME - 2:
         raise ValueError(f"not a valid public key: expected {_KEY_BYTES} bytes encoding 2 <= y <= p - 2")
@@ -235,7 +240,7 @@ def check_roster(public_keys: Mapping[str, bytes]) -> None:
     """Refuse a roster with fewer than 2 owners, a malformed key, or one key listed under two names."""
     if len(public_keys) < 2:
         raise ValueError("pairwise masking needs at least 2 owners")
-    raw = {name: _raw_bytes(key) for name, key in public_keys.items()}
+    raw = {name: raw_bytes(key) for name, key in public_keys.items()}
     for key in raw.values():
         _public_int(key)
     if len(set(raw.values())) != len(raw):
@@ -258,7 +263,7 @@ def mask(encoded, me: str, secret_key, public_keys: Mapping[str, bytes], round_n
 
     ``public_keys`` maps every owner's name (``me`` included) to its public key.
     """
-    encoded = _as_ring(encoded, "mask")
+    encoded = as_ring(encoded, "mask")
     _check_me(me, secret_key, public_keys)
     masked = encoded.reshape(-1).copy()
     for peer, public in sorted(public_keys.items()):
@@ -317,7 +322,7 @@ def unmask_sum(masked: Mapping[str, np.ndarray], owners: Sequence[str],
     survivors = set(masked)
     if survivors - owners:
         raise ValueError(f"updates from unknown owners {sorted(survivors - owners)}")
-    vectors = [_as_ring(masked[name], "unmask_sum") for name in sorted(masked)]
+    vectors = [as_ring(masked[name], "unmask_sum") for name in sorted(masked)]
     shapes = {v.shape for v in vectors}
     if len(shapes) != 1:
         raise ValueError(f"masked updates have different shapes: {sorted(shapes)}")

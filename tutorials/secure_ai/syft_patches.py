@@ -27,7 +27,7 @@
    The fix replaces ``syft.server.uvicorn.run_uvicorn`` with :func:`run_uvicorn`, which applies the fixes
    in the child before it serves.
 
-:func:`apply` is idempotent; importing :mod:`secure_ai.workers` applies it.
+:func:`apply` is idempotent; importing :mod:`secure_ai.datasites` applies it.
 """
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""Models, local training and evaluation loops, FedAvg, and model <-> flat-vector helpers."""
+"""Models, local training and evaluation loops, FedAvg, model <-> flat-vector helpers (pure torch).
+
+Also the owner's bounds on a training message (:func:`checked_model`): approved training code runs on a
+datasite and imports it from here, a module that imports no syft.
+"""
 from __future__ import annotations
 
 import random
@@ -55,7 +59,8 @@ def _is_raw(images: torch.Tensor) -> bool:
     return images.dtype == torch.uint8 and images.ndim == 3 and tuple(images.shape[1:]) == (28, 28)
 
 
-def _check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
+def check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
+    """``ValueError`` unless images (normalized (N, 1, 28, 28) or raw uint8 (N, 28, 28)) fit their labels."""
     if not _is_raw(images) and (images.ndim != 4 or tuple(images.shape[1:]) != (1, 28, 28)):
         raise ValueError(
             f"images must be normalized, of shape (N, 1, 28, 28), or raw uint8 digits of shape (N, 28, 28); "
@@ -74,7 +79,7 @@ def batches(images, labels, batch_size: int = 64, shuffle: bool = True, seed: in
 
     Raw uint8 digits (N, 28, 28) are normalized batch by batch: a quarter of the memory of float images.
     """
-    _check_data(images, labels)
+    check_data(images, labels)
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
     n, raw = len(images), _is_raw(images)
@@ -99,7 +104,7 @@ def train_epoch(
     desc: str = "train",
 ) -> float:
     """One pass over ``(images, labels)`` in shuffled mini-batches; returns the mean training loss."""
-    _check_data(images, labels)
+    check_data(images, labels)
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
@@ -119,7 +124,7 @@ def train_epoch(
 @torch.no_grad()
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, batch_size: int = 500):
     """Return ``(accuracy, mean loss)`` of ``model`` on ``(images, labels)``; accuracy is in [0, 1]."""
-    _check_data(images, labels)
+    check_data(images, labels)
     model.eval()
     loss_fn = nn.CrossEntropyLoss(reduction="sum")
     correct, loss = 0, 0.0
@@ -223,3 +228,63 @@ def fedavg(updates: Sequence, weights: Sequence[float] | None = None):
         raise ValueError(f"weights must be non-negative and not all zero, got {list(weights)}")
     stacked = torch.stack([v.to(torch.float64) for v in vectors])
     return ((w / w.sum()) @ stacked.reshape(len(vectors), -1)).reshape(stacked.shape[1:]).to(torch.float32)
+
+
+# --- the owner's bounds on a training message (runs on the datasite, first thing in approved code) ----------
+def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_momentum: float = 0.99,
+                  max_channels: int = 32, extra_ints: tuple[str, ...] = ()):
+    """Owner side, first thing in approved training code: the data scientist's message, within bounds.
+
+    The message is ``{"model": "cnn" | "mlp", "channels": [c1, c2] (cnn only), "vector": weights, "lr",
+    "momentum", "batch_size", "seed"}`` plus the integer keys named in ``extra_ints``. Refused with a
+    ``ValueError``: unknown or missing keys, ``batch_size < min_batch_size``, ``lr`` outside
+    ``(0, max_lr]``, ``momentum`` outside ``[0, max_momentum]``, channels outside ``1..max_channels``, and a
+    ``vector`` that is not a finite float32 vector of exactly the model's size.
+    Returns ``(model with the vector loaded, the checked message)``.
+    """
+    if not isinstance(message, Mapping):
+        raise ValueError(f"the message must be a dict, got {type(message).__name__}")
+    required = {"model", "vector", "lr", "momentum", "batch_size", "seed", *extra_ints}
+    allowed = required | {"channels"}
+    if set(message) - allowed or required - set(message):
+        raise ValueError(f"message keys must be {sorted(required)} (and 'channels' for a cnn), got "
+                         f"{sorted(message)}")
+
+    def integer(key, low):
+        value = message[key]
+        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
+            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        return int(value)
+
+    def number(key, low, high, low_open):
+        value = message[key]
+        if isinstance(value, bool) or not isinstance(value, int | float | np.floating) or not (
+            (low < value if low_open else low <= value) and value <= high
+        ):
+            interval = f"{'(' if low_open else '['}{low}, {high}]"
+            raise ValueError(f"{key} must be a number in {interval}, got {value!r}")
+        return float(value)
+
+    checked = {"model": message["model"], "batch_size": integer("batch_size", min_batch_size),
+               "seed": integer("seed", 0), "lr": number("lr", 0, max_lr, True),
+               "momentum": number("momentum", 0, max_momentum, False)}
+    checked |= {key: integer(key, 0) for key in extra_ints}
+    if checked["model"] == "cnn":
+        channels = message.get("channels")
+        if (not isinstance(channels, list | tuple) or len(channels) != 2
+                or not all(isinstance(c, int) and 1 <= c <= max_channels for c in channels)):
+            raise ValueError(f"channels must be two integers in 1..{max_channels}, got {channels!r}")
+        checked["channels"] = list(channels)
+        model = CNN(channels=tuple(channels))
+    elif checked["model"] == "mlp" and "channels" not in message:
+        model = MLP()
+    else:
+        raise ValueError(f"model must be 'cnn' (with channels) or 'mlp', got {checked['model']!r}")
+    vector = message["vector"]
+    size = sum(p.numel() for p in model.parameters())
+    if not (isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (size,)):
+        raise ValueError(f"vector must be float32 of shape ({size},) for this {checked['model']}, got "
+                         f"{getattr(vector, 'dtype', type(vector).__name__)} {getattr(vector, 'shape', '')}")
+    if not np.isfinite(vector).all():
+        raise ValueError("vector holds NaN or infinite weights")
+    return vector_to_model(vector, model), checked

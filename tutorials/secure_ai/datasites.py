@@ -1,29 +1,40 @@
-"""Data owners as PySyft 0.9.5 datasites.
+"""The data owner's side of syft 0.9.5: datasites, the review and approval of code, and server processes.
 
 A :class:`DataOwner` starts a named datasite (in memory by default, or an HTTP server on 127.0.0.1),
-holds private data next to a mock, lets a data scientist register, and reviews their code requests.
+holds private data next to a mock, lets a data scientist register, and reviews their code requests: every
+approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code.
 Everything a data owner does goes through syft's own API; this module only removes the boilerplate and the
 noise, and makes restarts clean: starting an owner whose name is already running replaces it, and
-:func:`shutdown_all` leaves no servers, ports or temporary folders behind.
+:func:`shutdown_all` (also run at exit) leaves no servers, ports or temporary folders behind.
+
+An HTTP owner's server is a process of its own: :func:`server_process`, :func:`memory_mb`, and real failures
+for the lessons and tests, :func:`kill_owner` (SIGKILL) and :func:`pause_owner` / :func:`resume_owner`
+(SIGSTOP/SIGCONT, a straggler). :func:`free_port` asks the OS for a free port: never hard-code ports.
+
+This is the syft gateway: importing it imports syft quietly, applies :mod:`secure_ai.syft_patches` and
+registers :func:`shutdown_all` at exit. Import syft through it (``sy``), and never from code that runs on a
+datasite. The data scientist's side is :mod:`secure_ai.remote`.
 """
 from __future__ import annotations
 
 import atexit
 import hashlib
+import multiprocessing
 import os
 import re
 import secrets
 import shutil
+import signal
 import socket
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
+import psutil
 
 from . import syft_patches
 from .quiet import quiet, silence_logging
-from .runtime import release_memory
 
 # syft keeps each datasite's database and blobs under $TMPDIR/$SYFT_TEMP_ROOT/<server id>. One folder per
 # Python process, so that two notebooks (or a notebook and the tests) never share a datasite's files.
@@ -40,6 +51,7 @@ silence_logging()
 ADMIN_EMAIL, ADMIN_PASSWORD = "info@openmined.org", "changethis"
 
 _running: dict[str, DataOwner] = {}
+_paused: set[int] = set()  # pids of servers this process stopped with SIGSTOP and has not resumed
 
 
 def running_owners() -> list[str]:
@@ -85,11 +97,15 @@ class DataOwner:
         self.name, self.port, self.host = name, port, host
         self.admin_password = ADMIN_PASSWORD
         self._reviews: dict[str, CodeReview] = {}
+        self._process = None  # the HTTP server's multiprocessing.Process (see server_process)
         with quiet():
             if port is None:
                 self._handle = sy.orchestra.launch(name=name, reset=True)
             else:  # the server process starts through syft_patches.run_uvicorn, so it runs with our fixes
+                before = set(multiprocessing.active_children())
                 self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
+                started = [p for p in multiprocessing.active_children() if p not in before]
+                self._process = started[0] if len(started) == 1 else None
             self.client = self._handle.login(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
             if port is not None:  # never leave a reachable server on the well-known demo password
                 self.admin_password = secrets.token_urlsafe(24)
@@ -110,7 +126,8 @@ class DataOwner:
     def is_running(self) -> bool:
         return _running.get(self.name) is self
 
-    def _check_running(self) -> None:
+    def check_running(self) -> None:
+        """``RuntimeError`` unless this owner is still running (a shut-down or replaced one does nothing)."""
         if not self.is_running:
             raise RuntimeError(f"data owner {self.name!r} has been shut down; start a new DataOwner")
 
@@ -127,7 +144,7 @@ class DataOwner:
         The mock is what a data scientist may look at and test code on: same dtype and the same shape
         per sample as the private data (it may hold fewer samples).
         """
-        self._check_running()
+        self.check_running()
         if set(private) != set(mock) or not private:
             raise ValueError(
                 f"private and mock must have the same asset names, got {sorted(private)} and {sorted(mock)}"
@@ -151,7 +168,7 @@ class DataOwner:
     # --- people ---------------------------------------------------------------------------------------
     def add_data_scientist(self, email: str, password: str, name: str = "Data Scientist") -> None:
         """Create an account with syft's DATA_SCIENTIST role: it sees mocks and asks before running code."""
-        self._check_running()
+        self.check_running()
         if "@" not in email or not password:
             raise ValueError("a data scientist needs an email address and a non-empty password")
         from syft.types.errors import SyftException
@@ -167,7 +184,7 @@ class DataOwner:
 
     def login(self, email: str, password: str):
         """Log in to this datasite, as the data scientist does from their own machine."""
-        self._check_running()
+        self.check_running()
         with quiet():
             if self.port is None:
                 return self._handle.login(email=email, password=password)
@@ -176,7 +193,7 @@ class DataOwner:
     # --- code requests --------------------------------------------------------------------------------
     def pending_requests(self) -> list:
         """Code requests that wait for this owner's decision."""
-        self._check_running()
+        self.check_running()
         return [r for r in self.client.requests if str(r.status) == "RequestStatus.PENDING"]
 
     def _pending_named(self, function_name: str) -> list:
@@ -185,8 +202,11 @@ class DataOwner:
             if any(getattr(c, "service_func_name", None) == function_name for c in _codes_of(r))
         ]
 
-    def _request_for(self, function_name: str):
-        """The one pending request for ``function_name``, checked to carry exactly one code and no more."""
+    def pending_request(self, function_name: str):
+        """The one pending request for ``function_name``, checked to carry exactly one code and no more.
+
+        ``ValueError`` when there is none, more than one, or one that carries other code too.
+        """
         matches = self._pending_named(function_name)
         if not matches:
             waiting = [c.service_func_name for r in self.pending_requests() for c in _codes_of(r)]
@@ -221,7 +241,7 @@ class DataOwner:
         The answer is a string (print it) that also records what was shown: the request id and a digest of
         the code and its policies. :meth:`approve` approves exactly that, or nothing.
         """
-        request = self._request_for(function_name)
+        request = self.pending_request(function_name)
         review = CodeReview.of(request, self)
         self._reviews[function_name] = review
         return review
@@ -233,7 +253,7 @@ class DataOwner:
         With ``digest`` (``review.digest`` of a review of the same function, e.g. on another datasite) the
         request's code and policies must have that digest. Anything else raises ``ValueError``.
         """
-        request = self._request_for(function_name)
+        request = self.pending_request(function_name)
         current = CodeReview.of(request, self)
         reviewed = self._reviews.get(function_name)
         if digest is None:
@@ -253,17 +273,20 @@ class DataOwner:
                 f"{self.name}'s pending request for {function_name!r} differs from the reviewed code or "
                 f"policies (digest {current.digest[:12]}, reviewed {digest[:12]}); review it again"
             )
+        self._approve(request, function_name)
+        self._reviews.pop(function_name, None)
+
+    def _approve(self, request, function_name: str) -> None:
         with quiet():
             result = request.approve()
         if isinstance(result, sy.SyftError):
             raise RuntimeError(f"{self.name} could not approve {function_name!r}: {result.message}")
-        self._reviews.pop(function_name, None)
 
     def deny(self, function_name: str, reason: str) -> None:
         """Deny every pending request for ``function_name``; the data scientist sees ``reason``."""
         matches = self._pending_named(function_name)
         if not matches:
-            self._request_for(function_name)  # raises the clear "no pending request" error
+            self.pending_request(function_name)  # raises the clear "no pending request" error
         for request in matches:
             with quiet():
                 result = request.deny(reason=reason)
@@ -272,7 +295,7 @@ class DataOwner:
 
     def runs(self, function_name: str) -> int:
         """How many times ``function_name`` has run on this owner's private data."""
-        self._check_running()
+        self.check_running()
         codes = [c for c in self.client.code.get_all() if c.service_func_name == function_name]
         if not codes:
             raise ValueError(f"{self.name} has never received a function named {function_name!r}")
@@ -354,56 +377,69 @@ class CodeReview(str):
         return review
 
 
-class RemoteError(RuntimeError):
-    """A datasite refused or failed a request. The message is syft's public one, without its traceback."""
+# --- an HTTP owner's server, as an operating-system process ------------------------------------------------
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port that the OS says is free right now (other programs may run servers at the same time)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
 
 
-_HINTS = {
-    "Output policy is not valid": "the owner approved a limited number of runs and they are used up",
-    "waiting for approval": "the owner has not reviewed this request yet",
-}
+def server_process(owner: DataOwner) -> psutil.Process:
+    """The operating-system process that serves an HTTP owner's datasite."""
+    if owner.port is None:
+        raise ValueError(f"{owner.name} runs in memory, inside this process: start it with a port")
+    if not owner.is_running:
+        raise ValueError(f"{owner.name} has been shut down")
+    process = owner._process
+    if process is None or process.pid is None:
+        raise RuntimeError(f"cannot find the server process of {owner.name} (syft's launcher changed?)")
+    return psutil.Process(process.pid)
 
 
-def _clean(message: str) -> str:
-    message = re.sub(r"^<class '[^']+'>\s*", "", str(message)).strip()
-    hints = [hint for key, hint in _HINTS.items() if key in message]
-    return f"{message} ({hints[0]})" if hints else message
+def memory_mb(owner: DataOwner) -> float:
+    """Resident memory of an HTTP owner's server process, in MB."""
+    return server_process(owner).memory_info().rss / 1e6
 
 
-def call(function, **kwargs):
-    """Run an approved syft function on a datasite and bring its result back (the ``.get()``).
+def kill_owner(owner: DataOwner) -> int:
+    """Really kill an HTTP owner's server (SIGKILL, as a crash or a pulled plug); returns its pid.
 
-    Raises :class:`RemoteError` with the owner's reason when the request was denied, is still pending,
-    or has used up its approved runs.
+    The :class:`DataOwner` stays registered, so :func:`shutdown_all` still removes its files; its port is
+    free again.
     """
-    with quiet():
-        return call_unsilenced(function, **kwargs)
+    process = server_process(owner)
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=10)
+    _paused.discard(process.pid)
+    return process.pid
 
 
-def call_unsilenced(function, **kwargs):
-    """:func:`call` without hiding syft's output, for calls made from several threads at once.
+def pause_owner(owner: DataOwner) -> int:
+    """Freeze an HTTP owner's server (SIGSTOP): it accepts nothing until :func:`resume_owner`."""
+    process = server_process(owner)
+    process.send_signal(signal.SIGSTOP)
+    _paused.add(process.pid)
+    return process.pid
 
-    :func:`secure_ai.quiet.quiet` swaps the process-wide ``sys.stdout``, which is not safe from threads: a
-    caller that runs calls concurrently silences them once, around all of them (see :mod:`secure_ai.scale`).
-    """
-    from syft.types.errors import SyftException
 
-    try:
-        result = function(**kwargs)
-        value = result.get() if isinstance(result, sy.ActionObject) else result
-    except SyftException as error:
-        raise RemoteError(_clean(error.public_message)) from None
-    finally:
-        # syft's serialized copies are garbage now; without this they stay in the process's heap (in a
-        # notebook, 0.1-0.2 GB after a few dozen calls, more when calls run in threads)
-        release_memory()
-    if isinstance(value, sy.SyftError):
-        raise RemoteError(_clean(value.message))
-    return value
+def resume_owner(owner: DataOwner) -> int:
+    """Let a paused owner's server run again (SIGCONT); it then answers what it was asked."""
+    process = server_process(owner)
+    process.send_signal(signal.SIGCONT)
+    _paused.discard(process.pid)
+    return process.pid
 
 
 def shutdown_all() -> None:
-    """Shut every running data owner down and remove this process's syft folder."""
+    """Resume any paused server (so it can stop cleanly), shut every running data owner down, and remove
+    this process's syft folder. Registered to run at exit."""
+    for pid in list(_paused):
+        try:
+            psutil.Process(pid).send_signal(signal.SIGCONT)
+        except psutil.NoSuchProcess:
+            pass
+        _paused.discard(pid)
     for owner in list(_running.values()):
         owner.shutdown()
     shutil.rmtree(TEMP_ROOT, ignore_errors=True)
