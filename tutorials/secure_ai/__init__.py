@@ -13,6 +13,7 @@ One concern per module:
 * :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
 * :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 4)
 * :mod:`secure_ai.attacks` - gradient inversion, label inference, membership inference, the DP bound (Part 5)
+* :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 5)
 * :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM; owner processes (Part 6)
 * :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place
 * :mod:`secure_ai.quiet` - hides syft's log noise
