@@ -103,12 +103,13 @@ def main() -> None:
             any_bin = add(any_bin, grade(im.imprint_bins(gradient)[0], digits, true))
         line(f"batch {batch_size}, flagged", flagged, time.perf_counter() - tic)
         line(f"batch {batch_size}, any bin", any_bin)
-    small = im.imprint_model(public, scale=1e-6, gain=1e-3)
     idx = im.batch_indices(DIGITS, 32, 0, SEED)
-    after = im.one_batch(small, *data["joe"], lr=LR, batch_size=32, seed=SEED)
-    gradient = im.update_gradient(small, after, LR)
-    line(f"batch 32 with every weight within {np.abs(small).max():.0e} (joe)",
-         grade(im.imprint_digits(gradient, 1e-3 / 32), data["joe"][0][idx], data["joe"][1][idx]))
+    for bound in (1e-3, 1e-6, 1e-10):   # a magnitude bound: the attack is the same at any scale
+        small = im.imprint_model(public, scale=bound / 100, gain=bound)
+        after = im.one_batch(small, *data["joe"], lr=LR, batch_size=32, seed=SEED)
+        gradient = im.update_gradient(small, after, LR)
+        line(f"batch 32 with every weight within {np.abs(small).max():.0e} (joe)",
+             grade(im.imprint_digits(gradient, bound / 32), data["joe"][0][idx], data["joe"][1][idx]))
 
     print("\nC. train_on_mnist: one local epoch of full batches (32: 288 of 300 digits), momentum 0")
     # The attacker tunes lr and rho = lr * gain / scale on public digits, then attacks each owner with them
