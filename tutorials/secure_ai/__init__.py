@@ -21,6 +21,7 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 * :mod:`secure_ai.costs` - time and bytes each protection costs an owner per round (Part 5)
 * :mod:`secure_ai.secret_sharing` - fixed point, additive sharing, key agreement, pairwise masks (Part 4)
 * :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 4)
+* :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 5)
 
 L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):
 

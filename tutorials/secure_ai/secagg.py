@@ -51,6 +51,7 @@ import hmac
 import json
 import os
 import re
+import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -410,3 +411,52 @@ def _logged(log, name, function, answer):
     if log is not None:
         log.append((name, function, answer))
     return answer
+
+
+# --- one round in-process, for measurements: what the aggregator receives ------------------------------
+def masked_average(vectors: Sequence, counts: Sequence[int],
+                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in-process.
+
+    Each owner encodes ``[n_i w_i, n_i]`` in the ring, masks it (:func:`secure_ai.owner_mask`),
+    confirms the survivors and reveals its masks; the aggregator decodes the sum. Fresh keys every call.
+    """
+
+    names = [f"owner{i}" for i in range(len(vectors))]
+    keys = {name: ss.generate_keypair() for name in names}
+    roster = {name: public for name, (_, public) in keys.items()}
+    encoded = {name: ss.encode_weighted(np.asarray(v, dtype=np.float64), int(n))
+               for name, v, n in zip(names, vectors, counts)}
+    with tempfile.TemporaryDirectory() as folder:  # each owner's ledger: mask, confirm, unmask once each
+        configs = {name: make_config(run_id, name, roster, Path(folder) / name).to_asset()
+                   for name in names}
+
+        def call(name, function, request):
+            secret = keys[name][0]
+            if function == "train_and_mask":
+                return owner_mask(encoded[name], secret, configs[name], request)
+            if function == "confirm_survivors":
+                return owner_confirm(secret, configs[name], request)
+            return owner_unmask(secret, configs[name], request)
+
+        return ss.decode_weighted_average(secure_round(call, names, 0, {}))
+
+
+def ckks_average(vectors: Sequence, counts: Sequence[int],
+                 run_id: str = "imprint") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 4's CKKS key holder returns it: decrypted, then flooded
+    with Gaussian noise of std :data:`secure_ai.encryption.FLOOD_SIGMA` in the sum's units."""
+    from . import encryption as he
+
+    names = [f"owner{i}" for i in range(len(vectors))]
+    holder = he.KeyHolder(run_id, names)
+    roster = {name: ss.generate_keypair()[1] for name in names}  # a config needs one; CKKS uses no mask
+    submissions = {}
+    for name, vector, n in zip(names, vectors, counts):
+        config = make_config(run_id, name, roster, None,
+                                    ckks_public_context=holder.public_context_bytes,
+                                    ckks_mac_key=holder.mac_key(name)).to_asset()
+        answer = owner_encrypt(np.asarray(vector, dtype=np.float64), int(n), config,
+                                      {"round": 0, "context": holder.public_context_bytes})
+        submissions[name] = unwrap(name, answer)
+    return holder.decrypt_average(0, submissions)
