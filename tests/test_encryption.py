@@ -306,7 +306,8 @@ def test_the_flooding_noise_cannot_be_seeded_by_its_caller(tmp_path):
         zeros = {n: np.zeros(100) for n in OWNERS}
         submitted = encrypted_round(holder, configs, 0, zeros, dict.fromkeys(OWNERS, 1))
         noises.append(holder.decrypt_average(0, submitted)[0])
-    assert np.abs(noises[0] - noises[1]).min() > 0
+    # CKKS's own error differs by ~1e-9 between the two encryptions; the noise by ~sigma / 3
+    assert np.abs(noises[0] - noises[1]).mean() > 0.1 * holder.flood_sigma / 3
 
 
 def test_key_holder_arguments():

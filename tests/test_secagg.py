@@ -335,6 +335,7 @@ def test_the_message_digest_covers_model_recipe_and_round():
     assert tr.message_digest(message) == tr.message_digest(same)
     changed = [message | {"seed": 4}, message | {"round": 3}, message | {"lr": 0.1},
                message | {"model": model | {"b": np.ones(3, np.float64)}},   # same values, another dtype
+               message | {"model": model | {"b": model["b"].view(np.int32)}},  # same bytes, another dtype
                message | {"model": model | {"w": np.zeros((3, 2), np.float32)}},
                message | {"model": model | {"b": np.array([1, 1, 1.5], np.float32)}}]
     assert len({tr.message_digest(m) for m in changed} | {tr.message_digest(message)}) == len(changed) + 1
