@@ -499,12 +499,26 @@ def reveal_with_my_config(secret_key, config, weights):
     return secagg.owner_unmask(secret_key, config, weights)
 
 
+def reveal_with_my_key(secret_key, config, weights):
+    from secure_ai import secagg
+
+    return secagg.owner_unmask(secret_key, config, weights)
+
+
+def encrypt_step(config, weights):
+    from secure_ai import secagg
+
+    return secagg.owner_encrypt(lambda message: (message["x"], 1), config, weights)
+
+
 def test_a_request_with_its_own_config_is_refused_at_approval(datasites):
     """DP review 4.6: the data scientist binds ``config`` to a dict of its own (its roster, no ledger)."""
     from secure_ai import remote
 
     owners, clients = datasites
     sjoe, client = owners["sjoe"], clients["sjoe"]
+    remote.request(client, encrypt_step, 1, {"config": secagg.assets(client)["config"]})
+    secagg.approve_step(sjoe, sjoe.code_of("encrypt_step"))   # a step without a key: its config is pinned
     own = {"secret_key": secagg.assets(client)["secret_key"], "config": dict}
     remote.request(client, reveal_with_my_config, 1, own)
     review = sjoe.code_of("reveal_with_my_config")
@@ -516,3 +530,7 @@ def test_a_request_with_its_own_config_is_refused_at_approval(datasites):
     with pytest.raises(remote.RemoteError):                               # denied: it never runs
         remote.run(client, "reveal_with_my_config", {"round": 0}, {"secret_key": own["secret_key"],
                                                                    "config": {"ledger": None}})
+    key_of_mine = {"secret_key": dict, "config": secagg.assets(client)["config"]}
+    remote.request(client, reveal_with_my_key, 1, key_of_mine)
+    with pytest.raises(secagg.Refused, match="secret_key is bound to any dict"):
+        secagg.approve_step(sjoe, sjoe.code_of("reveal_with_my_key"))    # a key of the data scientist's

@@ -199,10 +199,12 @@ def call_step(client, function_name: str, request: Mapping, dataset: str = "seca
 
 def approve_step(owner, review, dataset: str = "secagg") -> None:
     """Owner side: approve a Part 4 step the owner reviewed (``review = owner.code_of(name)``) only if its
-    request binds ``secret_key`` and ``config`` to this owner's own ``dataset`` assets; otherwise deny it
-    and raise :class:`Refused`. A request with a config of the data scientist's (its roster, no ledger)
-    would let it unmask anything. The approval is the owner's own, of exactly the reviewed request."""
-    wrong = {name: review.inputs.get(name, "nothing") for name in ("secret_key", "config")
+    request binds ``config`` (and ``secret_key``, when the step takes one) to this owner's own ``dataset``
+    assets; otherwise deny it and raise :class:`Refused`. A request with a config of the data scientist's
+    (its roster, no ledger) would let it unmask anything. The approval is the owner's own, of exactly the
+    reviewed request."""
+    pinned = ["config", *(["secret_key"] if "secret_key" in review.inputs else [])]
+    wrong = {name: review.inputs.get(name, "nothing") for name in pinned
              if review.inputs.get(name) != f"asset {dataset}/{name}"}
     if wrong:
         reason = ", ".join(f"{name} is bound to {bound}" for name, bound in wrong.items())
