@@ -7,8 +7,9 @@ full measurements are in benchmarks/malicious_model.py.
 import numpy as np
 import pytest
 import torch
+from secure_ai import aggregator
+from secure_ai import encryption as he
 from secure_ai import imprint as im
-from secure_ai import secagg
 from secure_ai import training as tr
 from secure_ai.data import mnist_raw
 
@@ -104,7 +105,7 @@ def test_imprint_gives_back_most_of_a_batch_pixel_exact(owners, crafted, batch_s
 
 def test_imprint_survives_a_masked_sum_of_three_owners(owners, crafted):
     afters = [im.one_batch(crafted, *owner, lr=LR, batch_size=32) for owner in owners[0]]
-    average, n_total = secagg.masked_average(afters, [32] * 3)
+    average, n_total = aggregator.masked_average(afters, [32] * 3)
     assert n_total == 96
     flagged = im.imprint_digits(im.update_gradient(crafted, average, LR), one_digit=1e-2 / n_total)
     result = graded(owners, flagged, *stacked(owners, 32))
@@ -115,12 +116,12 @@ def test_imprint_through_ckks_is_as_precise_as_the_flooding_noise(owners):
     hidden, gain = 100, 1e3
     model = im.imprint_model(owners[1][0], hidden=hidden, scale=1e-9, gain=gain)
     afters = [im.one_batch(model, *owner, lr=LR, batch_size=32, hidden=hidden) for owner in owners[0]]
-    average, n_total = secagg.ckks_average(afters, [32] * 3)
+    average, n_total = aggregator.ckks_average(afters, [32] * 3)
     candidates, _ = im.imprint_bins(im.update_gradient(model, average, LR), hidden=hidden)
     result = graded(owners, candidates, *stacked(owners, 32))
     assert result["identified"] >= 25, result      # 100 bins for 96 digits: about 37 alone in a bin
     best = np.sort(result["errors"])[:25]
-    assert 1e-4 < best[0] and best[-1] < 5e-3, best   # the flooding noise is there, and small
+    assert 1e-3 < best[0] and best[-1] < 0.05, best   # the flooding noise (sigma 0.97, N_d = 21) is there
 
 
 def test_a_whole_local_epoch_at_a_tiny_learning_rate_still_gives_digits(owners):
@@ -161,7 +162,7 @@ def test_different_models_give_the_targets_count_and_update_through_the_masked_s
     sent = im.inconsistent_models(honest, 3, target=0)
     afters = [im.local_epoch(v, *owner, lr=LR, batch_size=32) for v, owner in zip(sent, owners[0])]
     assert all(np.array_equal(a[:-10], v[:-10]) for a, v in zip(afters[1:], sent[1:]))  # only b2 moved
-    count, weights = im.recover_target(*secagg.masked_average(afters, [300] * 3))
+    count, weights = im.recover_target(*aggregator.masked_average(afters, [300] * 3))
     assert count == 300
     assert np.isnan(weights[-10:]).all() and np.abs(weights[:-10] - afters[0][:-10]).max() < 1e-8
 
@@ -173,9 +174,10 @@ def test_different_models_through_ckks_within_the_flooding_noise(owners, honest)
     sent = im.inconsistent_models(real, 3, target=2, hidden=hidden)
     afters = [im.local_epoch(v, *owner, lr=LR, batch_size=32, hidden=hidden)
               for v, owner in zip(sent, owners[0])]
-    count, weights = im.recover_target(*secagg.ckks_average(afters, [300] * 3), hidden=hidden)
-    error = np.abs(weights[:-10] - afters[2][:-10]).max()
-    assert count == 300 and 1e-5 < error < 8 * 2**-4 / 300, error
+    count, weights = im.recover_target(*aggregator.ckks_average(afters, [300] * 3), hidden=hidden)
+    sigma = he.flooding_sigma(he.ciphertexts_for(im.mlp_size(hidden)), error_bound=3 * he.FRESH_ERROR_BOUND)
+    error = np.abs(weights[:-10] * count / 300 - afters[2][:-10]).max()   # the count itself is flooded
+    assert abs(count - 300) <= 5 * sigma and 1e-5 < error < 8 * sigma / 300, (count, error)
 
 
 def test_recover_target_refuses_a_round_without_a_counting_unit(honest):

@@ -17,7 +17,7 @@ LAYERS = {  # as the package docstring lists them
     1: ["data", "training", "plots", "privacy", "dp_sgd", "attacks", "membership", "costs", "imprint",
         "secret_sharing", "encryption"],
     2: ["syft_patches", "datasites", "remote"],
-    3: ["pointers", "federated", "dp_fedavg", "secagg", "scale"],
+    3: ["pointers", "federated", "dp_fedavg", "secagg", "aggregator", "scale"],
 }
 LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}
 # What code that runs on a datasite may import: nothing here imports syft when it is imported.

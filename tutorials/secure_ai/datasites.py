@@ -350,12 +350,14 @@ class CodeReview(str):
     """What an owner was shown of one pending request: prints as a header line and the code.
 
     ``request_id`` and ``digest`` (SHA-256 of the function name, code, inputs and policies) bind an
-    approval to exactly this request and this code.
+    approval to exactly this request and this code; ``inputs`` says what each argument is bound to
+    (``"asset <dataset>/<asset>"`` for this owner's assets).
     """
 
     request_id: str
     digest: str
     function_name: str
+    inputs: dict[str, str]
 
     @classmethod
     def of(cls, request, owner: DataOwner) -> CodeReview:
@@ -372,7 +374,7 @@ class CodeReview(str):
         header = (f"# request {str(request.id)[:8]}: {runs}, digest {digest[:12]}\n# inputs: "
                   + ", ".join(f"{k} = {v}" for k, v in inputs.items()))
         review = cls(f"{header}\n{code.raw_code}")
-        review.request_id, review.digest = str(request.id), digest
+        review.request_id, review.digest, review.inputs = str(request.id), digest, inputs
         review.function_name = code.service_func_name
         return review
 

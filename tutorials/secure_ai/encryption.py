@@ -8,23 +8,45 @@ ciphertexts, and only the holder of the secret key can decrypt. One ciphertext h
 Parameters: ``N = 8192`` with a 200-bit coefficient modulus ``(60, 40, 40, 60)`` is within the 128-bit
 classical security bound of the Homomorphic Encryption Standard (N = 8192 allows up to 218 bits). The 40-bit
 middle primes match the 2**40 scale, so one multiplication by a plaintext can be rescaled; the 60-bit
-primes hold the integer part and the decryption headroom. The public context carries only the public
-encryption key (no relinearization or Galois keys), so whoever holds it can add ciphertexts and multiply
-them by plaintexts, but not multiply two ciphertexts or rotate slots.
+primes hold the integer part and the decryption headroom. Numbers are scaled by 2**40 before rounding, and
+encryption noise uses up about 14 of those bits: on the sum of three owners' ``n*w`` (79,510 weights, n =
+60,000) the largest error measured is 2**-25.5 to 2**-25.9, so **about 26 bits of fraction** remain
+(``tests/test_encryption.py::test_about_26_bits_of_fraction_remain_on_the_sum``). The error is absolute: it
+does not grow with ``n*w``. The public context carries only the public encryption key (no relinearization
+or Galois keys): its holder can add ciphertexts and multiply them by plain numbers. Without relinearization
+keys it can still multiply two ciphertexts into a larger one, which only the secret key decrypts; that does
+not matter here, because the key holder decrypts only authenticated owner ciphertexts that it adds itself.
 
 Who holds what: the :class:`KeyHolder` makes the keys and hands out the public context (its bytes, whose
-SHA-256 each owner fixes at setup); owners encrypt ``[n*w, n]`` and authenticate the ciphertext with a MAC
-key they share with the key holder (:func:`authenticate`); the aggregator relays and may add them; the
-key holder verifies every tag, requires at least ``min_owners`` distinct owners of the current round, adds
-the ciphertexts itself, decrypts once per round, and floods the result with Gaussian noise before it goes
-back (Li and Micciancio 2021: exact CKKS decryptions returned to a party that holds the ciphertexts can
-leak the secret key).
+SHA-256 each owner fixes at setup); owners encrypt ``n*w`` and, in a ciphertext of its own, ``n *
+COUNT_SCALE`` (so that the flooding noise cannot change the count's rounding), and authenticate the
+ciphertexts with a MAC key they share with the key holder, over the run, the round, the owner and the digest
+of the training message (:func:`authenticate`); the aggregator relays and may add them. The key holder
+verifies every tag, requires at least ``min_owners`` distinct owners and one model digest for all of them,
+adds the ciphertexts itself, decrypts each round number at most once and in increasing order (round numbers
+come from the aggregator), and never more ciphertexts than its noise was sized for.
+
+Noise flooding: exact CKKS decryptions returned to a party that holds the ciphertexts can leak the secret
+key (Li and Micciancio, Eurocrypt 2021), so the key holder adds Gaussian noise to every decrypted sum. Its
+standard deviation follows Li, Micciancio, Schultz and Sorrell (CRYPTO 2022): it grows with the number of
+decryptions ``N_d`` and the statistical security ``s``, ``sigma = E * 2**(s/2) * sqrt(64 * N_d)``
+(:func:`flooding_sigma`), where ``E`` bounds the error of one decrypted sum (owners x
+:data:`FRESH_ERROR_BOUND`). OpenFHE, which implements that paper, uses ``sqrt(12 * N_d)`` in place of
+``sqrt(64 * N_d)`` and ``s = 30`` by default (``gen-cryptocontext-ckksrns-internal.h``,
+``CKKS_NOISE_FLOODING.md``); we keep the larger constant, 2.3 times more noise: the "prior art" bound as
+the reference code of "IND-CPA-D and KR-D Security with Reduced Noise from the HintLWE Problem" states it.
+``N_d`` counts ciphertexts: ``max_rounds * (ceil(length / 4096) + 1)``, 3 x (20 + 1) = 63
+for Part 4's 79,510 weights, which with s = 30 and 3 owners gives sigma = 1.7 in units of ``sum n_i w_i``
+(2.8e-5 on an average weight at n = 60,000). This is a heuristic, not a proof: ``E`` holds with high
+probability only, and we add the noise to the decoded numbers rather than to the plaintext polynomial as
+the paper and OpenFHE do (the ratio sigma / E is what matters; both are taken in the decoded numbers here).
 """
 from __future__ import annotations
 
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 import struct
@@ -40,8 +62,11 @@ _MAGIC = b"SAIckks1"
 # A high-probability bound on one fresh ciphertext's error per slot: the dominant term 8*sqrt(2)*sigma*N of
 # Cheon et al. (2017)'s bound for error sigma = 3.2, over the scale (2.7e-7; measured: at most ~6e-9)
 FRESH_ERROR_BOUND = 8 * 2**0.5 * 3.2 * POLY_MODULUS_DEGREE / 2.0**SCALE_BITS
-# Noise flooding of decrypted sums (in their units): about 2**25 times the measured error's spread (1.5e-9)
-FLOOD_SIGMA = 2.0**-4
+COUNT_SCALE = 2**12   # the count travels as n * COUNT_SCALE, in a ciphertext of its own
+STATISTICAL_SECURITY = 30   # s of the flooding noise: OpenFHE's default for NOISE_FLOODING_DECRYPT
+# The largest flooding noise the count tolerates: 8 sigma within a quarter of COUNT_SCALE (chance of a
+# wrong or refused count about 1e-15 per decryption)
+MAX_FLOOD_SIGMA = COUNT_SCALE / 32
 
 
 def make_context(poly_modulus_degree: int = POLY_MODULUS_DEGREE,
@@ -149,24 +174,58 @@ def aggregate(encrypted: Sequence[EncryptedVector]) -> EncryptedVector:
 
 
 def encrypt_weighted(context: ts.Context, vector, n_samples: int) -> EncryptedVector:
-    """Owner side: encrypt ``[n_samples * vector, n_samples]``, so that a sum of these gives FedAvg."""
+    """Owner side: ``n_samples * vector``, and ``n_samples * COUNT_SCALE`` in one more ciphertext of its own.
+
+    A sum of these gives FedAvg's numerator and, exactly after rounding, its denominator.
+    """
     values = np.asarray(vector.detach().cpu() if hasattr(vector, "detach") else vector, dtype=np.float64)
     if values.ndim != 1:
         raise ValueError(f"expected a flat vector, got shape {values.shape}")
     if not isinstance(n_samples, (int, np.integer)) or n_samples < 1:
         raise ValueError(f"n_samples must be a positive integer, got {n_samples!r}")
-    return encrypt(context, np.append(values * n_samples, n_samples))
+    data = encrypt(context, values * n_samples)
+    count = ts.ckks_vector(context, [float(n_samples) * COUNT_SCALE])
+    return EncryptedVector([*data.chunks, count], values.size + 1)
+
+
+def ciphertexts_for(length: int) -> int:
+    """How many ciphertexts one :func:`encrypt_weighted` of ``length`` numbers holds, the count's included."""
+    return -(-int(length) // (POLY_MODULUS_DEGREE // 2)) + 1
+
+
+def decode_weighted(values) -> tuple[np.ndarray, int]:
+    """``(FedAvg average, total samples)`` from a decrypted sum of :func:`encrypt_weighted` vectors.
+
+    The count is ``round(v / COUNT_SCALE)``; ``ValueError`` when ``v / COUNT_SCALE`` is more than 0.25 from an
+    integer of at least 1 (not a sum of owners' counts, or more noise than the count tolerates).
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1 or values.size < 2:
+        raise ValueError(f"expected a decrypted [n*w | n * COUNT_SCALE] vector, got shape {values.shape}")
+    count = values[-1] / COUNT_SCALE
+    n_total = int(round(count))
+    if n_total < 1 or abs(count - n_total) > 0.25:
+        raise ValueError(f"the decrypted sample count is {count:.4f}: not a sum of encrypt_weighted vectors")
+    return values[:-1] / n_total, n_total
 
 
 def decrypt_weighted_average(total: EncryptedVector, secret_context: ts.Context) -> tuple[np.ndarray, int]:
-    """Key holder side: ``(FedAvg average, total samples)`` from a sum of :func:`encrypt_weighted` vectors."""
-    values = total.decrypt(secret_context)
-    if values.size < 2:
-        raise ValueError(f"expected an encrypted [n*w, n] vector, got {values.size} numbers")
-    n_total = int(round(values[-1]))  # CKKS is approximate: the count comes back as e.g. 14999.9999997
-    if n_total < 1 or abs(values[-1] - n_total) > 1e-3:
-        raise ValueError(f"the decrypted sample count is {values[-1]}: not a sum of encrypt_weighted vectors")
-    return values[:-1] / n_total, n_total
+    """Key holder side: ``(FedAvg average, total samples)`` from a sum of :func:`encrypt_weighted` vectors,
+    without flooding (for measuring CKKS's own error; :class:`KeyHolder` floods what it hands out)."""
+    if total.chunks[-1].size() != 1:
+        raise ValueError("the last ciphertext holds no count of its own: not a sum of encrypt_weighted "
+                         "vectors")
+    return decode_weighted(total.decrypt(secret_context))
+
+
+def flooding_sigma(n_decryptions: int, statistical_security: int = STATISTICAL_SECURITY,
+                   error_bound: float = 3 * FRESH_ERROR_BOUND) -> float:
+    """The flooding noise's standard deviation for ``n_decryptions`` ciphertexts, ``s`` bits of statistical
+    security and a bound ``error_bound`` on a decrypted sum's own error: ``E * 2**(s/2) * sqrt(64 * N_d)``
+    (Li, Micciancio, Schultz and Sorrell 2022; see the module's docstring for the constant)."""
+    if not isinstance(n_decryptions, (int, np.integer)) or n_decryptions < 1:
+        raise ValueError(f"n_decryptions must be a positive integer, got {n_decryptions!r}")
+    return float(error_bound) * 2.0 ** (statistical_security / 2) * math.sqrt(64 * int(n_decryptions))
 
 
 # --- owners' checks and the key holder ------------------------------------------------------------------
@@ -186,34 +245,48 @@ def check_public_context(data, expected_sha256: str | None) -> ts.Context:
     return context
 
 
-def authenticate(mac_key: bytes, run_id: str, round_number: int, owner: str, ciphertext: bytes) -> bytes:
-    """HMAC-SHA256 of a ciphertext, bound to the run, the round and the owner who encrypted it."""
-    message = json.dumps([run_id, int(round_number), owner, hashlib.sha256(bytes(ciphertext)).hexdigest()])
+def authenticate(mac_key: bytes, run_id: str, round_number: int, owner: str, model: str,
+                 ciphertext: bytes) -> bytes:
+    """HMAC-SHA256 of a ciphertext, bound to the run, the round, the owner who encrypted it and ``model``,
+    the digest of the training message it was trained from (``secure_ai.training.message_digest``)."""
+    message = json.dumps([run_id, int(round_number), owner, str(model),
+                          hashlib.sha256(bytes(ciphertext)).hexdigest()])
     return hmac.new(bytes(mac_key), message.encode(), hashlib.sha256).digest()
 
 
 class KeyHolder:
-    """The CKKS key holder: decrypts only flooded sums of authenticated updates, once per round.
+    """The CKKS key holder: decrypts only flooded sums of authenticated updates of one model, once per round.
 
-    Trust: the owners trust it not to collude with the aggregator (it could decrypt any ciphertext it is
-    given) and to run these checks. ``mac_key(owner)`` goes to each owner privately at setup. The flooding
-    noise comes from a generator seeded by the OS; pass a seeded ``rng`` only for reproducible demonstrations
-    (whoever knows the seed can subtract the noise). NumPy's Gaussian sampler is not hardened against
+    ``length`` is the number of weights an update has and ``max_rounds`` the rounds the key holder will ever
+    decrypt: together they fix ``n_decryptions`` (N_d, in ciphertexts) and the flooding noise
+    ``flood_sigma`` (:func:`flooding_sigma`, with ``statistical_security`` bits). Past ``max_rounds``, or
+    for updates of another length, it refuses. Trust: the owners trust it not to collude with the aggregator
+    (it could decrypt any ciphertext it is given) and to run these checks. ``mac_key(owner)`` goes to each
+    owner privately at setup. The flooding noise is drawn, at every decryption, from a generator seeded by
+    the operating system: no caller can seed it. NumPy's Gaussian sampler is not hardened against
     floating-point side channels (Mironov 2012); production code uses a vetted sampler.
     """
 
-    def __init__(self, run_id: str, owners: Sequence[str], min_owners: int = 2,
-                 flood_sigma: float = FLOOD_SIGMA, rng: np.random.Generator | None = None):
+    def __init__(self, run_id: str, owners: Sequence[str], length: int, max_rounds: int, min_owners: int = 2,
+                 statistical_security: int = STATISTICAL_SECURITY):
         if not 2 <= min_owners <= len(set(owners)):
             raise ValueError(f"min_owners must be from 2 to the {len(set(owners))} owners, got {min_owners}")
-        if not 0 <= flood_sigma <= 2**-4:  # the count rounds right unless the noise exceeds 8 sigma (1e-15)
-            raise ValueError(f"flood_sigma must be in [0, 1/16] so counts round right, got {flood_sigma}")
-        self.run_id, self.min_owners, self.flood_sigma = run_id, int(min_owners), float(flood_sigma)
+        for name, value in (("length", length), ("max_rounds", max_rounds)):
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        self.run_id, self.min_owners, self.length = run_id, int(min_owners), int(length)
+        self.max_rounds, self.statistical_security = int(max_rounds), statistical_security
+        self.n_decryptions = self.max_rounds * ciphertexts_for(self.length)
+        self.flood_sigma = flooding_sigma(self.n_decryptions, statistical_security,
+                                          len(set(owners)) * FRESH_ERROR_BOUND)
+        if self.flood_sigma > MAX_FLOOD_SIGMA:
+            raise ValueError(f"{self.n_decryptions} decryptions at {statistical_security} bits need flooding "
+                             f"noise {self.flood_sigma:.3g}, more than the count tolerates "
+                             f"({MAX_FLOOD_SIGMA}): allow fewer rounds, or fewer bits")
         self.context = make_context()
         self.public_context_bytes = context_to_bytes(self.context)
         self._mac_keys = {name: os.urandom(32) for name in owners}
-        self.last_round = -1
-        self._rng = np.random.default_rng(secrets.randbits(128)) if rng is None else rng
+        self.last_round, self.rounds_decrypted = -1, 0
 
     def mac_key(self, owner: str) -> bytes:
         """Key-holder side, at setup: the MAC key for ``owner`` (sent to it over a private channel)."""
@@ -221,10 +294,11 @@ class KeyHolder:
 
     def decrypt_average(self, round_number: int,
                         submissions: Mapping[str, Mapping]) -> tuple[np.ndarray, int]:
-        """``(FedAvg average, total samples)`` from ``{owner: {"encrypted": bytes, "tag": bytes}}``.
+        """``(FedAvg average, total samples)`` from ``{owner: {"encrypted", "model", "tag"}}``, flooded.
 
-        Raises ``ValueError`` (and decrypts nothing) for an old round, an unknown owner, a bad tag, or fewer
-        than ``min_owners`` owners.
+        Raises ``ValueError`` (and decrypts nothing) for an old round, a round past ``max_rounds``, an
+        unknown owner, fewer than ``min_owners`` owners, a bad tag, ciphertexts of different models, or
+        updates of another length.
         """
         if isinstance(round_number, bool) or not isinstance(round_number, (int, np.integer)):
             raise ValueError(f"round_number must be an integer, got {round_number!r}")
@@ -238,18 +312,27 @@ class KeyHolder:
             raise ValueError(f"{len(submissions)} owner(s) submitted, fewer than {self.min_owners}: a sum of "
                              "fewer owners would reveal an individual update")
         for owner, item in submissions.items():
-            tag = authenticate(self._mac_keys[owner], self.run_id, round_number, owner, item["encrypted"])
+            if not isinstance(item, Mapping) or not {"encrypted", "model", "tag"} <= set(item):
+                raise ValueError(f"{owner}'s submission is not {{'encrypted', 'model', 'tag'}}")
+            tag = authenticate(self._mac_keys[owner], self.run_id, round_number, owner, item["model"],
+                               item["encrypted"])
             if not hmac.compare_digest(tag, bytes(item["tag"])):
                 raise ValueError(f"the ciphertext said to be {owner}'s for round {round_number} fails its "
-                                 "MAC: not encrypted by that owner for this round")
-        self.last_round = int(round_number)
-        total = aggregate([EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
-                           for item in submissions.values()])
-        values = total.decrypt(self.context)
-        values = values + self._rng.normal(0, self.flood_sigma, values.size)   # noise flooding
-        if values.size < 2:
-            raise ValueError(f"expected an encrypted [n*w, n] vector, got {values.size} numbers")
-        n_total = int(round(values[-1]))
-        if n_total < 1:
-            raise ValueError(f"the decrypted sample count is {values[-1]:.3f}: not a sum of [n*w, n] vectors")
-        return values[:-1] / n_total, n_total
+                                 "MAC: not encrypted by that owner for this round and model")
+        models = {owner: str(item["model"])[:12] for owner, item in submissions.items()}
+        if len(set(models.values())) != 1:
+            raise ValueError(f"the owners trained different models this round (digests {models}): a sum of "
+                             "different models can give one owner's update away")
+        if self.rounds_decrypted >= self.max_rounds:
+            raise ValueError(f"the key holder was sized for {self.max_rounds} rounds ({self.n_decryptions} "
+                             "decryptions) and decrypted them all: its noise does not cover more")
+        encrypted = [EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
+                     for item in submissions.values()]
+        sized = ciphertexts_for(self.length)
+        if any(e.length != self.length + 1 or len(e.chunks) != sized or e.chunks[-1].size() != 1
+               for e in encrypted):
+            raise ValueError(f"updates must have {self.length} weights and a count of their own, as sized")
+        self.last_round, self.rounds_decrypted = int(round_number), self.rounds_decrypted + 1
+        values = aggregate(encrypted).decrypt(self.context)
+        noise = np.random.default_rng(secrets.randbits(128)).normal(0, self.flood_sigma, values.size)
+        return decode_weighted(values + noise)   # noise flooding, then the count's rounding

@@ -23,7 +23,7 @@ Owner side, for measuring: Part 2's approved functions with its bounds as they a
 batch of ``batch_size`` digits from a seeded permutation, no wrap-around, only full batches in an epoch;
 :func:`one_batch`, :func:`local_epoch`), the same step with DP-SGD (:func:`dp_one_batch`), and what the
 aggregator receives from a round of Part 4's double masking or CKKS is simulated in
-:mod:`secure_ai.secagg` (``masked_average``, ``ckks_average``). Grading (:func:`grade`) compares
+:mod:`secure_ai.aggregator` (``masked_average``, ``ckks_average``). Grading (:func:`grade`) compares
 reconstructions with the owners' digits.
 """
 from __future__ import annotations

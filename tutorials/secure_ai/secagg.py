@@ -2,16 +2,18 @@
 
 It is the owners' protocol for both secure methods of the chapter: masked FedAvg (below) and the owner's
 step of CKKS aggregation (:func:`owner_encrypt`); the maths are in :mod:`secure_ai.secret_sharing` and
-:mod:`secure_ai.encryption`, the syft requests and calls in :mod:`secure_ai.remote`.
+:mod:`secure_ai.encryption`, the syft requests and calls in :mod:`secure_ai.remote`, the aggregator's side
+in :mod:`secure_ai.aggregator`.
 
 Threat model: the data scientist, who aggregates, may be **honest-but-curious** (follows the protocol,
 studies what it receives) or **malicious** (sends forged keys, invented names, replayed rounds, false
-dropout claims, a CKKS context of its own). The owners' approved code is the only thing it cannot change;
-everything in the ``weights``/``request`` argument is untrusted input that this module checks.
-Not covered: an aggregator colluding with owners (with 3 owners, a colluder that knows its own update
-learns the other survivor's from a 2-owner sum anyway), and differences between rounds or subsets (the
-aggregator picks each round's global model, so the sums of two rounds trained from the same model differ
-by exactly the updates of the owners in one round and not the other; So et al. 2023).
+dropout claims, a CKKS context of its own, different models to different owners). The owners' approved code
+is the only thing it cannot change; everything in the ``weights``/``request`` argument is untrusted input
+that this module checks. Not covered: an aggregator colluding with owners (with 3 owners, a colluder that
+knows its own update learns the other survivor's from a 2-owner sum anyway); differences between rounds or
+subsets (the sums of two rounds trained from the same model differ by exactly the updates of the owners in
+one round and not the other; So et al. 2023); and a crafted model sent to every owner (imprint weights,
+Fowl et al. 2022), which only owner-side DP bounds.
 
 What the aggregator cannot change lives **owner-side** (:class:`OwnerConfig`, uploaded by each owner at
 setup as a private asset): the run id, the owner's own name, the roster of names and public keys (compared
@@ -20,38 +22,53 @@ of the CKKS key holder's public context plus this owner's MAC key shared with th
 
 One round ``r`` of masked FedAvg, as three approved calls per owner (Bonawitz et al. 2017, simplified):
 
-1. :func:`owner_mask`: ``y_i = x_i + PRG(b_i,r) + sum_j ±PRG(s_ij,r)``, with a self-mask seed ``b_i,r``
-   that only owner i can derive (from its secret key, the run id and r) and this round's pairwise seeds
-   ``s_ij,r`` (from the pair's Diffie-Hellman secret, the run id and r).
+1. :func:`owner_mask`: the owner trains from the request itself and records its digest
+   (:func:`secure_ai.training.message_digest`: the global model, its recipe and the round);
+   ``y_i = x_i + PRG(b_i,r) + sum_j ±PRG(s_ij,r)``, with a self-mask seed ``b_i,r`` that only owner i can
+   derive (from its secret key, the run id and r) and this round's pairwise seeds ``s_ij,r`` (from the
+   pair's Diffie-Hellman secret).
 2. :func:`owner_confirm`: the aggregator announces the survivors ``U`` (the owners whose ``y`` it uses);
-   each owner in ``U`` authenticates ``U`` for every other owner (HMAC under a pairwise key).
-3. :func:`owner_unmask`: an owner in ``U`` that holds valid confirmations of the *same* ``U`` from every
-   other member reveals its own ``b_i`` and this round's seeds with the owners outside ``U`` -- never a
-   seed with a member of ``U``, never its ``b_i`` when it is outside ``U``.
+   each owner in ``U`` authenticates ``U`` and the digest it trained for every other owner (HMAC under a
+   pairwise key).
+3. :func:`owner_unmask`: an owner in ``U`` that itself confirmed ``U`` and holds valid confirmations of the
+   *same* ``U`` and the *same* model from every other member reveals its own ``b_i`` and this round's seeds
+   with the owners outside ``U`` -- never a seed with a member of ``U``, never its ``b_i`` outside ``U``.
 
 Each owner masks, confirms and unmasks at most once per round, in that order, with rounds strictly
 increasing: its :class:`Ledger` enforces it -- a small JSON file in the owner's datasite folder, which the
 approved code (running in the owner's process) finds through the owner's config, never through the request.
 Because every member of ``U`` confirmed ``U``, each owner confirms once per round, and ``|U| >= threshold >
 n/2``, no two different survivor sets can both be confirmed by all their members: a false "jill dropped"
-claim gets this round's seeds with jill but never ``b_jill``, and jill's ``y`` stays masked.
-Limits: an owner that drops between confirming and unmasking stalls the round (start a new one; Bonawitz
-et al. also Shamir-share ``b_i`` and the keys to finish it); the ledger protects as long as the owner keeps
-its file (deleting it re-opens old round numbers of the same run: start a new run id instead); syft also
-runs approved code on the mocks, whose config has no ledger and whose key unmasks nothing real.
+claim gets this round's seeds with jill but never ``b_jill``, and jill's ``y`` stays masked. Because every
+member confirmed the model it trained, a round in which the aggregator sent different models (say the real
+one to joe, dead ones to the others, whose sum would give joe's update away) is never unmasked.
+
+What we simplified from Bonawitz et al., and what it costs:
+
+* **No Shamir sharing.** Bonawitz et al. split each owner's self-mask seed and key into t-of-n shares, so
+  that any t survivors can finish a round. We do not: an owner that confirms the survivors and then drops
+  out stalls the round, since nobody can remove its self mask. The aggregator starts a new round, with a new
+  round number and new masks. Rounds survive owners that drop out *before* they confirm, not after.
+* **Round seeds instead of key shares.** For an owner that dropped, survivors reveal this round's pairwise
+  seeds with it; its other rounds stay masked. Bonawitz et al. reveal shares of the dropped owner's key.
+* **MACs instead of signatures.** Owners confirm the survivor set to each other with HMACs under pairwise
+  keys; Bonawitz et al.'s version against a malicious server signs it.
+* **A ledger file.** Each owner remembers its rounds in a file in its datasite folder; deleting the file
+  re-opens old round numbers of the run (start a new run id instead). syft also runs approved code on the
+  mocks, whose config has no ledger and whose key unmasks nothing real.
 
 Owner-side functions return ``{"refused": reason}`` instead of raising, because syft 0.9.5 replaces an
 exception in approved code by "contact the Server Admin"; :func:`unwrap` turns it into :class:`Refused`.
 """
 from __future__ import annotations
 
+import copy
 import fcntl
 import hashlib
 import hmac
 import json
 import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +76,7 @@ from pathlib import Path
 import numpy as np
 
 from . import secret_sharing as ss
+from .training import message_digest
 
 CONFIG_BYTES = 16384  # a config asset is a fixed-size uint8 row (its mock must have the same shape)
 
@@ -179,17 +197,36 @@ def call_step(client, function_name: str, request: Mapping, dataset: str = "seca
     return remote.run(client, function_name, request, assets(client, dataset), requested_with="request_step")
 
 
+def approve_step(owner, review, dataset: str = "secagg") -> None:
+    """Owner side: approve a Part 4 step the owner reviewed (``review = owner.code_of(name)``) only if its
+    request binds ``config`` (and ``secret_key``, when the step takes one) to this owner's own ``dataset``
+    assets; otherwise deny it and raise :class:`Refused`. A request with a config of the data scientist's
+    (its roster, no ledger) would let it unmask anything. The approval is the owner's own, of exactly the
+    reviewed request."""
+    pinned = ["config", *(["secret_key"] if "secret_key" in review.inputs else [])]
+    wrong = {name: review.inputs.get(name, "nothing") for name in pinned
+             if review.inputs.get(name) != f"asset {dataset}/{name}"}
+    if wrong:
+        reason = ", ".join(f"{name} is bound to {bound}" for name, bound in wrong.items())
+        owner.deny(review.function_name, f"refused: {reason}, not to this owner's {dataset} assets")
+        raise Refused(f"{owner.name} refused {review.function_name!r}: {reason}")
+    owner.approve(review.function_name, review.digest)
+
+
 # --- the owner's state --------------------------------------------------------------------------------
 class Ledger:
-    """One owner's record of its last masked, confirmed and unmasked round (a JSON file, or none on mocks)."""
+    """One owner's record of its last masked (with the model's digest), confirmed, unmasked and encrypted
+    round: a JSON file, or none on mocks."""
 
     def __init__(self, path: str | None, run_id: str):
         self.path, self.run_id = (None if path is None else Path(path)), run_id
 
     def read(self) -> dict:
+        state = {"run_id": self.run_id, "masked": -1, "model": None, "confirmed": None, "unmasked": -1,
+                 "encrypted": -1}
         if self.path is None or not self.path.exists():
-            return {"run_id": self.run_id, "masked": -1, "confirmed": None, "unmasked": -1}
-        state = json.loads(self.path.read_text())
+            return state
+        state |= json.loads(self.path.read_text())
         if state.get("run_id") != self.run_id:
             raise Refused(f"the ledger {self.path} belongs to run {state.get('run_id')!r}, "
                           f"not {self.run_id!r}")
@@ -229,6 +266,14 @@ def _round(request: Mapping) -> int:
     return int(r)
 
 
+def _check_train(train, what: str) -> None:
+    """``train(message)`` gets a copy of the very request whose digest the owner records; an update made
+    beforehand could come from any message."""
+    if not callable(train):
+        raise TypeError(f"{what} trains from the request itself: pass train(message), not an update made "
+                        "from another message")
+
+
 def _survivors(config: OwnerConfig, request: Mapping) -> list[str]:
     survivors = request.get("survivors")
     if not isinstance(survivors, (list, tuple)) or not all(isinstance(n, str) for n in survivors):
@@ -252,8 +297,8 @@ def _pair_key(secret_key, config: OwnerConfig, peer: str, purpose: str, r: int, 
     return ss.round_seed(pair, config.run_id, r, f"{purpose} from {sender}")
 
 
-def _confirmation(key: bytes, config: OwnerConfig, r: int, survivors: Sequence[str]) -> bytes:
-    message = json.dumps([config.run_id, r, sorted(survivors)]).encode()
+def _confirmation(key: bytes, config: OwnerConfig, r: int, survivors: Sequence[str], model: str) -> bytes:
+    message = json.dumps([config.run_id, r, sorted(survivors), model]).encode()
     return hmac.new(key, message, hashlib.sha256).digest()
 
 
@@ -268,49 +313,58 @@ def _check_key(secret_key, config: OwnerConfig) -> None:
         raise Refused(f"the secret key does not match {config.me}'s public key in the roster")
 
 
+def _model_of(state: dict, config: OwnerConfig, r: int) -> str:
+    if state["masked"] != r or state["model"] is None or state["model"][0] != r:
+        raise Refused(f"{config.me} did not mask round {r} (its last masked round is {state['masked']})")
+    return state["model"][1]
+
+
 @_owner_side
-def owner_mask(update, secret_key, config, request: Mapping) -> dict:
-    """Owner side, step 1: ``{"masked": y}`` for this round's encoded ``update``; round must be new."""
+def owner_mask(train: Callable[[dict], np.ndarray], secret_key, config, request: Mapping) -> dict:
+    """Owner side, step 1: ``{"masked": y}`` for ``train(request)``, the encoded update the owner trains
+    from the request itself; the round must be new. The request's digest goes to the ledger."""
+    _check_train(train, "owner_mask")
     config = load_config(config)
     _check_key(secret_key, config)
-    r = _round(request)
+    r, model = _round(request), message_digest(request)
 
     def claim(state):
         if r <= state["masked"]:
             raise Refused(f"round {r} is not after round {state['masked']}, which {config.me} already "
                           "masked: a repeated round would reuse masks")
-        state["masked"] = r
+        state["masked"], state["model"] = r, [r, model]
 
     Ledger(config.ledger, config.run_id).update(claim)
-    update = ss.as_ring(update, "owner_mask").reshape(-1)
+    update = ss.as_ring(train(copy.deepcopy(dict(request))), "owner_mask").reshape(-1)
     self_mask = ss.expand_seed(_self_seed(secret_key, config, r), update.size)
-    masked = ss.mask(update + self_mask, config.me, secret_key, config.roster, r, config.run_id)
-    return {"masked": masked}
+    return {"masked": ss.mask(update + self_mask, config.me, secret_key, config.roster, r, config.run_id)}
 
 
 @_owner_side
 def owner_confirm(secret_key, config, request: Mapping) -> dict:
-    """Owner side, step 2: ``{"tags": {peer: HMAC}}`` over the announced survivors; once per round."""
+    """Owner side, step 2: ``{"tags": {peer: HMAC}}`` over the survivors and the model this owner trained;
+    once per round."""
     config = load_config(config)
     _check_key(secret_key, config)
     r, survivors = _round(request), _survivors(config, request)
+    trained = []
 
     def claim(state):
-        if state["masked"] != r:
-            raise Refused(f"{config.me} did not mask round {r} (its last masked round is {state['masked']})")
+        trained.append(_model_of(state, config, r))
         if state["confirmed"] is not None and state["confirmed"][0] == r:
             raise Refused(f"{config.me} already confirmed survivors {state['confirmed'][1]} for round {r}")
         state["confirmed"] = [r, survivors]
 
     Ledger(config.ledger, config.run_id).update(claim)
     return {"tags": {peer: _confirmation(_pair_key(secret_key, config, peer, "confirm", r, config.me),
-                                         config, r, survivors)
+                                         config, r, survivors, trained[0])
                      for peer in survivors if peer != config.me}}
 
 
 @_owner_side
 def owner_unmask(secret_key, config, request: Mapping) -> dict:
-    """Owner side, step 3: ``{"self_seed", "pair_seeds"}`` once every other survivor confirmed the same set.
+    """Owner side, step 3: ``{"self_seed", "pair_seeds"}`` once every other survivor confirmed the same set
+    and the same model as this owner.
 
     ``request["tags"]`` maps each other survivor to the tag it made for this owner (:func:`owner_confirm`).
     """
@@ -320,18 +374,17 @@ def owner_unmask(secret_key, config, request: Mapping) -> dict:
     tags = request.get("tags")
     if not isinstance(tags, Mapping):
         raise Refused("the request carries no confirmation tags")
-    for peer in survivors:
-        if peer == config.me:
-            continue
-        key = _pair_key(secret_key, config, peer, "confirm", r, peer)
-        tag = tags.get(peer)
-        if not isinstance(tag, (bytes, bytearray)) or not hmac.compare_digest(
-                _confirmation(key, config, r, survivors), bytes(tag)):
-            raise Refused(f"no valid confirmation from {peer} that the survivors of round {r} are "
-                          f"{survivors}")
 
     def claim(state):
-        if state["confirmed"] != [r, survivors]:
+        model = _model_of(state, config, r)
+        for peer in survivors:
+            tag = tags.get(peer)
+            key = _pair_key(secret_key, config, peer, "confirm", r, peer)
+            if peer != config.me and (not isinstance(tag, (bytes, bytearray)) or not hmac.compare_digest(
+                    _confirmation(key, config, r, survivors, model), bytes(tag))):
+                raise Refused(f"no valid confirmation from {peer} that the survivors of round {r} are "
+                              f"{survivors} and that they trained the model {config.me} trained")
+        if state["confirmed"] != [r, survivors]:   # its own confirmation of this very set
             raise Refused(f"{config.me} confirmed {state['confirmed']}, not round {r} with survivors "
                           f"{survivors}")
         if state["unmasked"] >= r:
@@ -348,18 +401,31 @@ def owner_unmask(secret_key, config, request: Mapping) -> dict:
 
 
 @_owner_side
-def owner_encrypt(vector, n_samples: int, config, request: Mapping) -> dict:
-    """Owner side, CKKS: ``{"encrypted", "tag"}`` for ``[n*w, n]``, under the key holder's context only."""
+def owner_encrypt(train: Callable[[dict], tuple], config, request: Mapping) -> dict:
+    """Owner side, CKKS: ``{"encrypted", "model", "tag"}`` for ``train(request) -> (weights, n_samples)``,
+    trained from the request itself and encrypted under the key holder's context only; once per round,
+    rounds increasing. The tag binds the run, the round, this owner and the request's digest ``model``."""
     from . import encryption as he
 
+    _check_train(train, "owner_encrypt")
     config = load_config(config)
     r = _round(request)
     if config.ckks_mac_key is None:
         raise Refused(f"{config.me}'s config has no MAC key shared with a CKKS key holder")
     context = he.check_public_context(request.get("context"), config.ckks_context_sha256)
+    model = message_digest(request)
+
+    def claim(state):
+        if r <= state["encrypted"]:
+            raise Refused(f"round {r} is not after round {state['encrypted']}, which {config.me} already "
+                          "encrypted: the key holder must see each owner once per round")
+        state["encrypted"] = r
+
+    Ledger(config.ledger, config.run_id).update(claim)
+    vector, n_samples = train(copy.deepcopy(dict(request)))
     encrypted = he.encrypt_weighted(context, vector, n_samples).to_bytes()
-    return {"encrypted": encrypted,
-            "tag": he.authenticate(config.ckks_mac_key, config.run_id, r, config.me, encrypted)}
+    return {"encrypted": encrypted, "model": model,
+            "tag": he.authenticate(config.ckks_mac_key, config.run_id, r, config.me, model, encrypted)}
 
 
 # --- aggregator side ----------------------------------------------------------------------------------
@@ -368,95 +434,3 @@ def unwrap(owner: str, answer) -> dict:
     if isinstance(answer, Mapping) and "refused" in answer:
         raise Refused(f"{owner} refused: {answer['refused']}")
     return dict(answer)
-
-
-def unmask(masked: Mapping[str, np.ndarray], answers: Mapping[str, Mapping],
-           roster: Sequence[str]) -> np.ndarray:
-    """Aggregator side: the survivors' sum from their masked vectors and their unmasking answers."""
-    if set(answers) != set(masked):
-        raise ValueError(f"every survivor must answer the unmasking request: masked vectors from "
-                         f"{sorted(masked)}, answers from {sorted(answers)}")
-    total = ss.unmask_sum(masked, roster, {name: a["pair_seeds"] for name, a in answers.items()})
-    flat = total.reshape(-1)
-    for answer in answers.values():
-        flat -= ss.expand_seed(answer["self_seed"], flat.size)
-    return total
-
-
-def secure_round(call: Callable[[str, str, dict], dict], roster: Sequence[str], round_number: int,
-                 payload: Mapping, survivors: Sequence[str] | None = None,
-                 functions: tuple[str, str, str] = ("train_and_mask", "confirm_survivors", "reveal_masks"),
-                 log: list | None = None, masked: Mapping[str, np.ndarray] | None = None) -> np.ndarray:
-    """Aggregator side, one honest round: mask, confirm, unmask; returns the survivors' encoded sum.
-
-    ``call(owner, function_name, request)`` runs an owner's approved function (through syft);
-    ``survivors`` (default: all) are the owners whose masked vectors the round uses; ``masked`` gives
-    vectors already received this round (then step 1 is skipped). Everything received is appended to ``log``.
-    """
-    survivors = sorted(survivors or roster)
-    mask_fn, confirm_fn, unmask_fn = functions
-    received = lambda name, fn, request: _logged(log, name, fn, unwrap(name, call(name, fn, request)))
-    if masked is None:
-        request = dict(payload) | {"round": round_number}
-        masked = {n: received(n, mask_fn, request)["masked"] for n in survivors}
-    masked = {n: masked[n] for n in survivors}
-    announce = {"round": round_number, "survivors": survivors}
-    tags = {n: received(n, confirm_fn, announce)["tags"] for n in survivors}
-    answers = {n: received(n, unmask_fn, announce | {"tags": {p: tags[p][n] for p in survivors if p != n}})
-               for n in survivors}
-    return unmask(masked, answers, roster)
-
-
-def _logged(log, name, function, answer):
-    if log is not None:
-        log.append((name, function, answer))
-    return answer
-
-
-# --- one round in-process, for measurements: what the aggregator receives ------------------------------
-def masked_average(vectors: Sequence, counts: Sequence[int],
-                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in-process.
-
-    Each owner encodes ``[n_i w_i, n_i]`` in the ring, masks it (:func:`secure_ai.owner_mask`),
-    confirms the survivors and reveals its masks; the aggregator decodes the sum. Fresh keys every call.
-    """
-
-    names = [f"owner{i}" for i in range(len(vectors))]
-    keys = {name: ss.generate_keypair() for name in names}
-    roster = {name: public for name, (_, public) in keys.items()}
-    encoded = {name: ss.encode_weighted(np.asarray(v, dtype=np.float64), int(n))
-               for name, v, n in zip(names, vectors, counts)}
-    with tempfile.TemporaryDirectory() as folder:  # each owner's ledger: mask, confirm, unmask once each
-        configs = {name: make_config(run_id, name, roster, Path(folder) / name).to_asset()
-                   for name in names}
-
-        def call(name, function, request):
-            secret = keys[name][0]
-            if function == "train_and_mask":
-                return owner_mask(encoded[name], secret, configs[name], request)
-            if function == "confirm_survivors":
-                return owner_confirm(secret, configs[name], request)
-            return owner_unmask(secret, configs[name], request)
-
-        return ss.decode_weighted_average(secure_round(call, names, 0, {}))
-
-
-def ckks_average(vectors: Sequence, counts: Sequence[int],
-                 run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 4's CKKS key holder returns it: decrypted, then flooded
-    with Gaussian noise of std :data:`secure_ai.encryption.FLOOD_SIGMA` in the sum's units."""
-    from . import encryption as he
-
-    names = [f"owner{i}" for i in range(len(vectors))]
-    holder = he.KeyHolder(run_id, names)
-    roster = {name: ss.generate_keypair()[1] for name in names}  # a config needs one; CKKS uses no mask
-    submissions = {}
-    for name, vector, n in zip(names, vectors, counts):
-        config = make_config(run_id, name, roster, None,
-                                    ckks_public_context=holder.public_context_bytes,
-                                    ckks_mac_key=holder.mac_key(name)).to_asset()
-        answer = owner_encrypt(np.asarray(vector, dtype=np.float64), int(n), config,
-                                      {"round": 0, "context": holder.public_context_bytes})
-        submissions[name] = unwrap(name, answer)
-    return holder.decrypt_average(0, submissions)

@@ -155,7 +155,9 @@ def reconstruct(shares: Sequence[Share]) -> np.ndarray:
 
 
 # --- pairwise masks (Bonawitz et al. 2017) ---------------------------------------------------------------
-# Diffie-Hellman in the 2048-bit MODP group 14 of RFC 3526, with generator 2.
+# Diffie-Hellman in the 2048-bit MODP group 14 of RFC 3526, with generator 2: about 112-bit security (NIST
+# SP 800-57), below the 128 bits of the CKKS parameters. Bonawitz et al. use elliptic-curve Diffie-Hellman;
+# our key derivation is SHA-256 with a label, not HKDF. Enough for a tutorial, not a security level we claim.
 MODP_PRIME = int(
     "FFFFFFFFFFFFFFFFC90FDAA22168C234C4C6628B80DC1CD129024E088A67CC74020BBEA63B139B22514A08798E3404DD"
     "EF9519B3CD3A431B302B0A6DF25F14374FE1356D6D51C245E485B576625E7EC6F44C42E9A637ED6B0BFF5CB6F406B7ED"

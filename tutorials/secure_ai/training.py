@@ -1,10 +1,11 @@
 """Models, local training and evaluation loops, FedAvg, model <-> flat-vector helpers (pure torch).
 
-Also the owner's bounds on a training message (:func:`checked_model`): approved training code runs on a
-datasite and imports it from here, a module that imports no syft.
+Also the owner's bounds on a training message (:func:`checked_model`) and its digest (:func:`message_digest`):
+approved training code runs on a datasite and imports them from here, a module that imports no syft.
 """
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Mapping, Sequence
 
@@ -288,3 +289,40 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
     if not np.isfinite(vector).all():
         raise ValueError("vector holds NaN or infinite weights")
     return vector_to_model(vector, model), checked
+
+
+def message_digest(message: Mapping) -> str:
+    """SHA-256 of a training message, all of it: the global model, its recipe (seed, ...) and the round.
+
+    Arrays count with their dtype and shape, numbers with their type: two messages have the same digest only
+    if an owner trains the same way from both.
+    """
+    digest = hashlib.sha256()
+
+    def feed(value) -> None:
+        value = value.detach().cpu().numpy() if hasattr(value, "detach") else value
+        if isinstance(value, Mapping):
+            if not all(isinstance(key, str) for key in value):
+                raise TypeError("the keys of a training message must be strings")
+            digest.update(b"{%d" % len(value))
+            for key in sorted(value):
+                feed(key)
+                feed(value[key])
+        elif isinstance(value, (list, tuple)):
+            digest.update(b"[%d" % len(value))
+            for item in value:
+                feed(item)
+        elif isinstance(value, (np.ndarray, np.generic)) and not np.asarray(value).dtype.hasobject:
+            array = np.ascontiguousarray(value)
+            header = f"{array.dtype.str}{array.shape}".encode()
+            digest.update(b"a%d:" % len(header) + header + array.tobytes())
+        elif isinstance(value, (bytes, bytearray)):
+            digest.update(b"b%d:" % len(value) + bytes(value))
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            text = f"{type(value).__name__}:{value!r}".encode()
+            digest.update(b"s%d:" % len(text) + text)
+        else:
+            raise TypeError(f"a training message cannot hold a {type(value).__name__}")
+
+    feed(message)
+    return digest.hexdigest()
