@@ -74,7 +74,7 @@ def main() -> None:
     for k in range(20):
         after = im.one_batch(honest, *data["joe"], lr=LR, batch_size=1, batch=k, seed=SEED)
         found.append(im.analytic_digit(im.update_gradient(honest, after, LR)))
-    joe_digits = [im.batch_indices(DIGITS, 1, k, SEED)[0] for k in range(20)]
+    joe_digits = [tr.batch_indices(DIGITS, 1, k, SEED)[0] for k in range(20)]
     line("20 batch-1 updates", grade(np.array(found), data["joe"][0][joe_digits], data["joe"][1][joe_digits]),
          time.perf_counter() - tic)
     tic, total, groups = time.perf_counter(), None, 0
@@ -84,7 +84,7 @@ def main() -> None:
         average, _ = aggregator.masked_average(afters, [1, 1, 1])
         digits = im.analytic_digits(im.update_gradient(honest, average, LR), n_digits=3)
         groups += len(digits)
-        idx = im.batch_indices(DIGITS, 1, 20 + r, SEED)
+        idx = tr.batch_indices(DIGITS, 1, 20 + r, SEED)
         total = add(total, grade(digits, np.concatenate([data[n][0][idx] for n in OWNERS]),
                                  np.concatenate([data[n][1][idx] for n in OWNERS])))
     line("20 masked sums of 3 owners' batch-1 updates (attacker groups repeated rows)", total,
@@ -97,7 +97,7 @@ def main() -> None:
     for batch_size in (32, 64, 128, 256):
         tic, flagged, any_bin = time.perf_counter(), None, None
         for name in OWNERS:
-            idx = im.batch_indices(DIGITS, batch_size, 0, SEED)
+            idx = tr.batch_indices(DIGITS, batch_size, 0, SEED)
             after = im.one_batch(model, *data[name], lr=LR, batch_size=batch_size, seed=SEED)
             gradient = im.update_gradient(model, after, LR)
             digits, true = data[name][0][idx], data[name][1][idx]
@@ -105,7 +105,7 @@ def main() -> None:
             any_bin = add(any_bin, grade(im.imprint_bins(gradient)[0], digits, true))
         line(f"batch {batch_size}, flagged", flagged, time.perf_counter() - tic)
         line(f"batch {batch_size}, any bin", any_bin)
-    idx = im.batch_indices(DIGITS, 32, 0, SEED)
+    idx = tr.batch_indices(DIGITS, 32, 0, SEED)
     for bound in (1e-3, 1e-6, 1e-10):   # a magnitude bound: the attack is the same at any scale
         small = im.imprint_model(public, scale=bound / 100, gain=bound)
         after = im.one_batch(small, *data["joe"], lr=LR, batch_size=32, seed=SEED)
@@ -117,7 +117,7 @@ def main() -> None:
     # The attacker tunes lr and rho = lr * gain / scale on public digits, then attacks each owner with them
     tic, trials = time.perf_counter(), {}
     tune = (public[:DIGITS], public_labels[:DIGITS])
-    idx = im.epoch_indices(DIGITS, 32, SEED)
+    idx = tr.epoch_indices(DIGITS, 32, SEED)
     for lr in (1e-11, 1e-8, 1e-5, 1e-3, 1e-2, 1e-1):
         for rho in (3e-5, 1e-4, 3e-4):
             gain, scale = (1e-6 * rho / lr) ** 0.5, (1e-6 * lr / rho) ** 0.5   # scale * gain = 1e-6
@@ -155,7 +155,7 @@ def main() -> None:
     print("\nD. Through a 3-owner secure sum of batch-32 one_batch updates (Part 4's masks), 3 rounds")
     tic, flagged, any_bin = time.perf_counter(), None, None
     for r in range(3):
-        idx = im.batch_indices(DIGITS, 32, r, SEED)
+        idx = tr.batch_indices(DIGITS, 32, r, SEED)
         afters = [im.one_batch(model, *data[n], lr=LR, batch_size=32, batch=r, seed=SEED) for n in OWNERS]
         average, n_total = aggregator.masked_average(afters, [32] * 3)
         gradient = im.update_gradient(model, average, LR)
@@ -168,7 +168,7 @@ def main() -> None:
 
     print("\nE. Through CKKS (Part 4's key holder, sized for one round), round 0 of D, by gain (largest |w|)")
     afters_of = {}
-    idx = im.batch_indices(DIGITS, 32, 0, SEED)
+    idx = tr.batch_indices(DIGITS, 32, 0, SEED)
     digits = np.concatenate([data[n][0][idx] for n in OWNERS])
     true = np.concatenate([data[n][1][idx] for n in OWNERS])
     for gain in (1.0, 1e2, 1e3):
@@ -185,7 +185,7 @@ def main() -> None:
     print(f"\nF. Owner-side DP-SGD (sigma {SIGMA}, clip {CLIP}), one batch of 32 at lr {LR}")
     models = {"imprint": model, "imprint, gain 1e3": im.imprint_model(public, scale=1e-9, gain=1e3),
               "honest": honest, "all-zero": np.zeros_like(honest)}
-    idx = im.batch_indices(DIGITS, 32, 0, SEED)
+    idx = tr.batch_indices(DIGITS, 32, 0, SEED)
     for name, crafted in models.items():
         tic = time.perf_counter()
         after = im.dp_one_batch(crafted, *data["joe"], lr=LR, batch_size=32, noise_multiplier=SIGMA,

@@ -158,7 +158,7 @@ def test_large_batches_are_computed_in_slices_with_the_same_result(monkeypatch):
         model = dp_sgd.TanhCNN()
         private = dp_sgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), images, labels,
                                       batch_size=128, max_grad_norm=1.0, noise_multiplier=1e-6,
-                                      accountant="rdp")
+                                      accountant="rdp", generator=torch.Generator().manual_seed(0))
         seen = []
         private.train_epoch(progress=False, on_step=seen.append)
         results.append((tr.model_to_vector(model), private.steps, private.epsilon()))
@@ -202,6 +202,7 @@ def test_make_private_keeps_raw_uint8_digits_and_normalizes_each_slice():
     (dict(noise_multiplier=1.0, max_grad_norm=0), "max_grad_norm"),
     (dict(noise_multiplier=1.0, accountant="moments"), "accountant"),
     (dict(noise_multiplier=1.0, delta=1.5), "delta"),
+    (dict(noise_multiplier=1.0, generator=0), "generator"),
 ])
 def test_make_private_rejects_bad_arguments(kwargs, message):
     images, labels = small_data(64)
@@ -214,3 +215,62 @@ def test_make_private_rejects_bad_arguments(kwargs, message):
                             batch_size=16, max_grad_norm=1.0, noise_multiplier=1.0)
 
 
+
+
+# --- the owner's DP-SGD against the data scientist: its seeds and its weights ------------------------------
+def _one_private_epoch(images, labels, generator=None, model=None):
+    model = model or dp_sgd.TanhCNN()
+    private = dp_sgd.make_private(model, torch.optim.SGD(model.parameters(), lr=0.5), images, labels,
+                                  batch_size=32, max_grad_norm=1.0, noise_multiplier=1.0, generator=generator)
+    private.train_epoch(progress=False)
+    return tr.model_to_vector(model)
+
+
+def test_sampling_and_noise_never_come_from_torchs_global_generator():
+    """DP review 3.11: the data scientist seeds torch in the owner's process (tr.set_seed(0)) and replays the
+    run locally, to subtract the noise. Two runs after the same seed must differ by about the noise."""
+    images, labels = small_data(128)
+    runs = []
+    for _ in range(2):
+        tr.set_seed(0)   # seeds torch, numpy and random; the model's initial weights are the same
+        runs.append(_one_private_epoch(images, labels))
+    gap = (runs[0] - runs[1]).std().item()
+    assert gap > 0.5 * (0.5 * 1.0 * 1.0 / 32)   # half of one step's noise std, lr * sigma * C / batch
+    seeded = [_one_private_epoch(images, labels, torch.Generator().manual_seed(7),
+                                 tr.vector_to_model(runs[0] * 0, dp_sgd.TanhCNN())) for _ in range(2)]
+    assert torch.equal(*seeded)   # a seeded generator, passed on purpose, reproduces an experiment
+    assert dp_sgd.os_generator().initial_seed() != dp_sgd.os_generator().initial_seed()
+
+
+def crafted_tanh_cnn():
+    """DP review 3.9's weights, all finite: the hidden fc is 0, the last layer's rows 3 and 7 are -3e38 and
+    +3e38 (and class 3's bias 2, so that a 7's gradient overflows for every image)."""
+    model = dp_sgd.TanhCNN()
+    with torch.no_grad():
+        model.net[7].weight.zero_()
+        model.net[7].bias.zero_()
+        model.net[9].weight[3], model.net[9].weight[7] = -3e38, 3e38
+        model.net[9].bias.zero_()
+        model.net[9].bias[3] = 2.0
+    assert all(p.isfinite().all() for p in model.parameters())
+    return model
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_crafted_finite_weights_never_make_finiteness_depend_on_a_record():
+    """DP review 3.9: one label-7 record made Opacus's step return NaN, so a NaN reply told the data
+    scientist that a 7 was sampled (delta >= 0.6). Here the reply is finite with or without it, always."""
+    images = torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8,
+                           generator=torch.Generator().manual_seed(1))
+    without_seven = torch.tensor([0, 1, 2, 4, 5, 6, 8, 9] * 8)
+    one_seven = without_seven.clone()
+    one_seven[5] = 7
+    model = crafted_tanh_cnn()
+    loss = nn.CrossEntropyLoss()(model(images[:1].float().unsqueeze(1)), torch.tensor([7]))
+    loss.backward()   # a single 7's gradient, computed plainly, overflows
+    assert not all(p.grad.isfinite().all() for p in model.parameters())
+    for labels in (without_seven, one_seven, torch.full((64,), 7), torch.full((64,), 3)):
+        for _ in range(2):
+            start = crafted_tanh_cnn()
+            after = _one_private_epoch(images, labels, model=start)
+            assert after.isfinite().all(), labels[:8]

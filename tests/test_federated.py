@@ -32,7 +32,7 @@ def train_checked(images, labels, weights):
     model, recipe = checked_model(weights, min_batch_size=32, max_lr=0.1)
     optimizer = torch.optim.SGD(model.parameters(), lr=recipe["lr"], momentum=recipe["momentum"])
     train_epoch(model, torch.tensor(images), torch.from_numpy(labels), optimizer, recipe["batch_size"],
-                seed=recipe["seed"], progress=False)
+                seed=recipe["seed"], progress=False, drop_last=True)
     return {"weights": {"vector": model_to_vector(model).numpy()}, "n_samples": len(labels)}
 
 
@@ -212,3 +212,80 @@ def test_run_rounds_steps_tests_and_times_every_round(mnist):
     assert history == [pytest.approx((test_y == 1).float().mean().item())] * 3
     with pytest.raises(ValueError, match="rounds must be a positive integer"):
         fl.run_rounds(model, 0, step, (test_x, test_y))
+
+
+# --- Part 2's approved functions, as the notebook defines them, against a data scientist who probes them ---
+def notebook_function(name: str, notebook: str = "Part-02-federated-learning-mnist.ipynb"):
+    """The function ``name`` as a notebook defines it (the code its owners approve), defined here, with
+    its source where ``inspect`` finds it (syft sends a function's source)."""
+    import ast
+    import linecache
+    from pathlib import Path
+
+    import nbformat
+
+    cells = nbformat.read(Path(__file__).resolve().parents[1] / "tutorials" / notebook, as_version=4).cells
+    for index, cell in enumerate(cells):
+        if cell.cell_type != "code":
+            continue
+        for node in ast.parse(cell.source).body:
+            if isinstance(node, ast.FunctionDef) and node.name == name:
+                filename = f"<{notebook}, cell {index}>"
+                lines = cell.source.splitlines(keepends=True)
+                linecache.cache[filename] = (len(cell.source), None, lines, filename)
+                namespace = {}
+                exec(compile(ast.Module([node], []), filename, "exec"), namespace)
+                return namespace[name]
+    raise LookupError(f"{notebook} defines no function {name!r}")
+
+
+def test_part2_one_batch_refuses_a_tail_or_a_wrap_around():
+    """FL review 1: batch_size 37 (>= 32, accepted) and batch 17027 on 30,000 digits: start = 29,999, and
+    the step trained on one digit. The approved one_batch must refuse it, and still train a full batch."""
+    one_batch = notebook_function("one_batch")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, size=(30_000, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=30_000).astype(np.int64)
+    for batch in (17_027, 30_000 // 37, 10**6):
+        with pytest.raises(ValueError, match="not a full batch"):
+            one_batch(images, labels, mlp_message(batch_size=37, batch=batch))
+    reply = one_batch(images, labels, mlp_message(batch_size=37, batch=30_000 // 37 - 1))
+    assert reply["n_samples"] == 37
+    with pytest.raises(ValueError, match="batch_size"):
+        one_batch(images, labels, mlp_message(batch_size=10**9, batch=0))   # one step on all the data
+
+
+def test_part2_train_on_mnist_trains_full_batches_of_32_to_256_only():
+    """FL review 2: the last partial batch was a step on n mod batch_size digits (1 with batch_size n - 1).
+    The approved train_on_mnist leaves the tail out: the digit there does not move the reply."""
+    train_on_mnist = notebook_function("train_on_mnist")
+    images, labels = data.mnist_raw(True)
+    images, labels = images[:100].copy(), labels[:100].astype(np.int64)
+    message = mlp_message(batch_size=99, seed=2)
+    tail = int(np.setdiff1d(np.arange(100), tr.epoch_indices(100, 99, seed=2))[0])
+    first = train_on_mnist(images, labels, message)["weights"]["vector"]
+    images[tail] = 255 - images[tail]
+    assert np.array_equal(first, train_on_mnist(images, labels, message)["weights"]["vector"])
+    with pytest.raises(ValueError, match="batch_size"):
+        train_on_mnist(images, labels, mlp_message(batch_size=257))
+
+
+def test_part2_one_batch_through_syft_trains_a_full_batch_and_refuses_a_wrap_around(mnist):
+    """The same function, approved on a datasite (whose mock syft also runs it on: 64 digits here)."""
+    images, labels = data.mnist_raw(True)
+    owner = DataOwner("fbatch")
+    try:
+        fl.upload_mnist(owner, images[:300], labels[:300], mock_size=64)
+        owner.add_data_scientist(EMAIL, PASSWORD)
+        client = owner.login(EMAIL, PASSWORD)
+        with quiet():
+            fl.request_training(client, notebook_function("one_batch"), rounds=3)
+        owner.code_of("one_batch")
+        owner.approve("one_batch")
+        reply = fl.train_remotely(client, "one_batch", mlp_message(batch_size=32, batch=1))
+        assert reply["n_samples"] == 32
+        with pytest.raises(RemoteError, match="Exception encountered while running one_batch"):
+            fl.train_remotely(client, "one_batch", mlp_message(batch_size=37, batch=8))   # 300 = 8 * 37 + 4
+        assert owner.runs("one_batch") == 1
+    finally:
+        owner.shutdown()

@@ -43,7 +43,7 @@ def graded(owners, found, digits, labels):
 
 
 def batch(owner, batch_size, number=0):
-    idx = im.batch_indices(len(owner[1]), batch_size, number)
+    idx = tr.batch_indices(len(owner[1]), batch_size, number, seed=0)
     return owner[0][idx], owner[1][idx]
 
 
@@ -86,11 +86,17 @@ def test_the_imprint_model_is_a_small_finite_float32_mlp(crafted, owners):
         im.imprint_model(owners[1][0], scale=1.0, gain=1.0)
 
 
-def test_one_batch_is_a_full_batch_never_a_tail(owners):
-    assert len(im.batch_indices(300, 32, 8)) == 32
-    with pytest.raises(ValueError, match="does not fit"):
-        im.batch_indices(300, 32, 9)                # 300 = 9 * 32 + 12: no 10th batch, no wrap-around
-    assert len(im.epoch_indices(300, 32)) == 288    # an epoch keeps full batches only
+def test_one_batch_and_local_epoch_train_on_full_batches_only(owners, honest):
+    """The owners' steps use training's index helpers: no tail, no wrap-around, no partial last batch."""
+    joe = owners[0][0]
+    with pytest.raises(ValueError, match="not a full batch"):
+        im.one_batch(honest, *joe, lr=LR, batch_size=32, batch=9)   # 300 = 9 * 32 + 12: no 10th batch
+    tail = np.setdiff1d(np.arange(300), tr.epoch_indices(300, 32, seed=0))
+    assert len(tail) == 12
+    changed = joe[0].copy()
+    changed[tail] = 255                                             # the 12 digits an epoch leaves out
+    assert np.array_equal(im.local_epoch(honest, changed, joe[1], lr=LR, batch_size=32),
+                          im.local_epoch(honest, *joe, lr=LR, batch_size=32))
 
 
 @pytest.mark.parametrize("batch_size, at_least", [(32, 27), (64, 52)])
@@ -131,7 +137,7 @@ def test_a_whole_local_epoch_at_a_tiny_learning_rate_still_gives_digits(owners):
     images, labels = jane[0][:digits], jane[1][:digits]
     after = im.local_epoch(model, images, labels, lr=lr, batch_size=32)   # 3 steps
     candidates, _ = im.imprint_bins(im.update_gradient(model, after, lr))
-    idx = im.epoch_indices(digits, 32)
+    idx = tr.epoch_indices(digits, 32, seed=0)
     result = graded(owners, candidates, images[idx], labels[idx])
     assert result["identified"] >= 70 and result["exact"] >= 40, result
 

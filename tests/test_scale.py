@@ -53,6 +53,25 @@ def test_concurrent_round_equals_sequential_and_the_owners_own_fedavg():
     assert not np.allclose(together, w0)
 
 
+def test_the_owners_epoch_trains_full_batches_of_16_to_256_only():
+    """FL review 2: batch_size = n - 1 made the epoch's second step a one-digit step (ben's 1,800 digits
+    with 1,799). With full batches only, the digit left in the tail does not move the reply at all."""
+    images, labels = data.mnist_raw(True)
+    images, labels = images[:100].copy(), labels[:100]
+    message = {**RECIPE, "batch_size": 99, "vector": start_vector()}
+    tail = int(np.setdiff1d(np.arange(100), tr.epoch_indices(100, 99, seed=RECIPE["seed"]))[0])
+    first = scale.train_local_epoch(images, labels, message)
+    images[tail] = 255 - images[tail]
+    second = scale.train_local_epoch(images, labels, message)
+    assert np.array_equal(first["weights"]["vector"], second["weights"]["vector"])
+    assert first["n_samples"] == 100
+    for batch_size in (15, 257, 10**9):
+        with pytest.raises(ValueError, match="batch_size"):
+            scale.train_local_epoch(images, labels, {**message, "batch_size": batch_size})
+    no_step = scale.train_local_epoch(images[:40], labels[:40], message)   # fewer digits than one batch
+    assert np.array_equal(no_step["weights"]["vector"], message["vector"]) and np.isnan(no_step["loss"])
+
+
 def test_weights_are_the_survivors_counts_and_drops_are_recorded():
     ones, threes = np.ones(SIZE), np.full(SIZE, 3.0)
     fed = scale.Federation({"a": fixed(ones, 100), "b": failing, "c": fixed(threes, 300)})

@@ -180,12 +180,14 @@ def test_a_batch_of_one_reveals_the_digit_so_approved_code_must_bound_it():
     dw, db = model.net[1].weight.detach() - w, model.net[1].bias.detach() - b
     unit = db.abs().argmax()
     np.testing.assert_allclose(dw[unit] / db[unit], x.flatten(), atol=1e-3)  # the digit, recovered
-    with pytest.raises(ValueError, match="batch_size must be an integer >= 32, got 1"):
+    with pytest.raises(ValueError, match=r"batch_size must be an integer in \[32, 256\], got 1"):
         tr.checked_model(_message(batch_size=1), min_batch_size=32, max_lr=0.1)
 
 
 @pytest.mark.parametrize("changes, error", [
-    ({"batch_size": 31}, "batch_size must be an integer >= 32"),
+    ({"batch_size": 31}, r"batch_size must be an integer in \[32, 256\]"),
+    ({"batch_size": 257}, r"batch_size must be an integer in \[32, 256\]"),
+    ({"batch_size": 10**9}, "batch_size must be an integer in"),   # one step on all of the owner's data
     ({"batch_size": 64.0}, "batch_size must be an integer"),
     ({"lr": 0.5}, r"lr must be a number in \(0, 0.1\]"),
     ({"lr": 0}, "lr must be a number"),
@@ -194,6 +196,9 @@ def test_a_batch_of_one_reveals_the_digit_so_approved_code_must_bound_it():
     ({"vector": np.zeros(10, dtype=np.float32)}, r"vector must be float32 of shape \(397510,\)"),
     ({"vector": np.zeros(397510)}, "vector must be float32"),
     ({"vector": np.full(397510, np.nan, dtype=np.float32)}, "NaN or infinite"),
+    ({"vector": np.where(np.arange(397510) == 7, np.nan, 0).astype(np.float32)}, "NaN or infinite"),
+    ({"vector": np.where(np.arange(397510) == 7, np.inf, 0).astype(np.float32)}, "NaN or infinite"),
+    ({"vector": np.where(np.arange(397510) == 7, -np.inf, 0).astype(np.float32)}, "NaN or infinite"),
     ({"extra": 1}, "message keys must be"),
     ({"model": "resnet"}, "model must be 'cnn'"),
     ({"channels": [4, 8]}, "model must be 'cnn'"),
@@ -212,3 +217,73 @@ def test_checked_model_builds_the_model_from_an_allowed_message():
         tr.checked_model(_message("cnn", channels=[4, 1000]), min_batch_size=32, max_lr=0.1)
     with pytest.raises(ValueError, match="message keys"):
         tr.checked_model(_message("cnn"), min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
+
+
+def test_the_batch_size_cap_is_the_owners_to_set():
+    assert tr.MAX_BATCH_SIZE == 256
+    _, recipe = tr.checked_model(_message(batch_size=256), min_batch_size=32, max_lr=0.1)
+    assert recipe["batch_size"] == 256
+    _, recipe = tr.checked_model(_message(batch_size=512), min_batch_size=32, max_lr=0.1, max_batch_size=512)
+    assert recipe["batch_size"] == 512
+    with pytest.raises(ValueError, match=r"in \[32, 128\]"):
+        tr.checked_model(_message(batch_size=256), min_batch_size=32, max_lr=0.1, max_batch_size=128)
+    with pytest.raises(ValueError, match="min_batch_size <= max_batch_size"):
+        tr.checked_model(_message(), min_batch_size=64, max_lr=0.1, max_batch_size=32)
+
+
+# --- full batches: every step of approved code trains on at least the batch the owner checked -------------
+def test_drop_last_keeps_full_batches_only_in_the_order_epoch_indices_gives():
+    x, y = _toy(50)
+    sizes = [len(yb) for _, yb in tr.batches(x, y, 16, seed=3, drop_last=True)]
+    assert sizes == [16, 16, 16]                       # 50 = 3 * 16 + 2: the tail of 2 is left out
+    assert [len(yb) for _, yb in tr.batches(x, y, 16, seed=3)] == [16, 16, 16, 2]
+    numbered = torch.arange(50).float().view(50, 1, 1, 1).expand(50, 1, 28, 28)
+    seen = torch.cat([yb for _, yb in tr.batches(numbered, torch.arange(50), 16, seed=3, drop_last=True)])
+    assert seen.tolist() == tr.epoch_indices(50, 16, seed=3).tolist()
+    # fewer samples than one batch: no batch, no step (syft also runs approved code on a small mock)
+    assert list(tr.batches(x, y, 51, drop_last=True)) == [] and len(tr.epoch_indices(50, 51, seed=0)) == 0
+    model = tr.MLP(hidden=8)
+    before = tr.model_to_vector(model)
+    loss = tr.train_epoch(model, x, y, torch.optim.SGD(model.parameters(), lr=0.1), 51, progress=False,
+                          drop_last=True)
+    assert np.isnan(loss) and torch.equal(tr.model_to_vector(model), before)
+
+
+def test_a_tail_digit_never_moves_a_full_batch_epoch():
+    """Malicious data scientist: batch_size = n - 1 makes the epoch's second step train on one digit. With
+    full batches only, that digit has no influence at all on the weights that come back."""
+    x, y = _toy(40)
+    tail = int(np.setdiff1d(np.arange(40), tr.epoch_indices(40, 39, seed=5))[0])
+    results = {}
+    for drop_last in (True, False):
+        for value in (0.0, 50.0):
+            images = x.clone()
+            images[tail] = value                        # the digit left in the tail, changed
+            tr.set_seed(0)
+            model = tr.MLP(hidden=8)
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            steps = [0]
+            optimizer.register_step_post_hook(lambda *_, counter=steps: counter.append(1))
+            tr.train_epoch(model, images, y, optimizer, 39, seed=5, progress=False, drop_last=drop_last)
+            results[drop_last, value] = (tr.model_to_vector(model), len(steps) - 1)
+    assert results[True, 0.0][1] == 1 and results[False, 0.0][1] == 2
+    assert torch.equal(results[True, 0.0][0], results[True, 50.0][0])
+    assert not torch.equal(results[False, 0.0][0], results[False, 50.0][0])   # without it, the tail leaks
+
+
+def test_batch_indices_are_a_full_batch_never_a_tail_or_a_wrap_around():
+    """FL review 1: batch_size 37 (>= 32, accepted) and batch 17027 on 30,000 digits started at 29,999 and
+    wrapped around: one digit. Every batch that fits is the slice the old arithmetic took."""
+    n, size = 30_000, 37
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(4)).numpy()
+    for batch in (0, 1, n // size - 1):
+        idx = tr.batch_indices(n, size, batch, seed=4)
+        assert len(idx) == size and np.array_equal(idx, order[batch * size:(batch + 1) * size])
+    for batch in (n // size, 17_027, -1, True, 2.0):
+        with pytest.raises(ValueError, match="not a full batch"):
+            tr.batch_indices(n, size, batch, seed=4)
+    assert len(tr.batch_indices(300, 32, 8, seed=0)) == 32
+    with pytest.raises(ValueError, match="not a full batch"):
+        tr.batch_indices(300, 32, 9, seed=0)           # 300 = 9 * 32 + 12: no 10th batch
+    with pytest.raises(ValueError, match="batch_size"):
+        tr.batch_indices(300, 0, 0, seed=0)

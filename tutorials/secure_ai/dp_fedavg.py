@@ -1,32 +1,41 @@
 """Part 3's workflow: DP-FedAvg, each owner training with DP-SGD on its datasite, within a budget it sets.
 
 * owner side: :class:`DPPolicy` (the settings an owner fixes, from a noisy record count),
-  :func:`publish_policy`, :func:`approve_dp_training` (checks the code, its inputs and the budget, approves
-  through :meth:`secure_ai.datasites.DataOwner.approve`, and charges the ledger), :func:`dp_local_update`
+  :func:`ledger_path` (where an owner's :class:`~secure_ai.privacy.PrivacyLedger` file lives),
+  :func:`publish_policy`, :func:`approve_dp_training` (checks the code, its inputs and the budget, charges
+  the ledger, then approves through :meth:`secure_ai.datasites.DataOwner.approve`), :func:`dp_local_update`
   (the update that runs on the datasite) and :func:`dp_train` (the function the owners approve)
 * data-scientist side: :func:`public_policy`, :func:`request_dp_training`, :func:`run_dp_fedavg`
 
-Threat model: the data scientist (aggregator) may be malicious; it chooses only the global weights it sends,
-which the owner checks. Noise comes from numpy/torch generators: fine for a lesson, not secure sampling (see
-Part 3, section 5). :func:`dp_train` runs on the datasite and imports this module there, so this module
-imports nothing that imports syft; the syft plumbing (:mod:`secure_ai.federated`) is imported where used.
+Threat model: the data scientist (aggregator) may be malicious. It chooses the global weights it sends, which
+the owner checks (names, shapes, finite and within :data:`MAX_WEIGHT` after the cast to float32); it may
+seed torch, numpy and ``random`` in the process the owner's code runs in, which is why the noisy count and
+DP-SGD's sampling and noise come from the operating system's secure source (:func:`secure_ai.privacy.
+gaussian_noise`, :func:`secure_ai.dp_sgd.os_generator`); and it chooses when to call. :func:`dp_train` runs
+on the datasite and imports this module there, so this module imports nothing that imports syft; the syft
+plumbing (:mod:`secure_ai.federated`) is imported where used.
 """
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from .dp_sgd import TanhCNN, make_private
-from .privacy import DELTA, PrivacyLedger, epsilon_spent, gaussian_noise, is_number
+from .privacy import DELTA, BudgetExceeded, PrivacyLedger, epsilon_spent, gaussian_noise, is_number
 
 # --- what each owner fixes, checks and charges --------------------------------------------------------------
 POLICY_DATASET = "dp-policy"  # the owner's DP settings live on its datasite, as an asset of this dataset
 _POLICY_FIELDS = ("noise_multiplier", "max_grad_norm", "batch_size", "epochs", "lr", "momentum",
                   "noisy_count", "count_noise")
+# The largest |weight| an owner accepts. A TanhCNN trained with DP-SGD stays far below it (largest |w| 1.2
+# after Part 3's three rounds); it keeps each per-sample gradient far from float32's range (DP-SGD also
+# zeroes any non-finite one).
+MAX_WEIGHT = 1e3
 
 
 class DPRequestRefused(ValueError):
@@ -103,18 +112,31 @@ class DPPolicy:
         return cls(**dict(zip(_POLICY_FIELDS, array[0].tolist())))
 
 
+def ledger_path(owner) -> Path:
+    """Owner side: the file of its :class:`~secure_ai.privacy.PrivacyLedger`, next to its datasite's folder.
+
+    Not inside it: syft empties that folder when the datasite restarts, and the ledger must outlive a
+    restart. It lives in this process's syft folder (removed at exit, as the in-memory datasites are); a
+    real owner keeps it on storage of its own: ``PrivacyLedger(name, budget=..., path=...)``.
+    """
+    from .datasites import TEMP_ROOT  # imports syft quietly, patched
+
+    return TEMP_ROOT / "privacy-ledgers" / f"{owner.name}.json"
+
+
 def publish_policy(owner, ledger: PrivacyLedger, n_records: int, *, noise_multiplier: float,
                    max_grad_norm: float, batch_size: int, epochs: int, lr: float, momentum: float = 0.9,
-                   count_noise: float = 50.0, seed=None) -> DPPolicy:
+                   count_noise: float = 50.0) -> DPPolicy:
     """Owner side: release a noisy count of the records, fix the DP settings, put them on the datasite.
 
-    The count gets Gaussian noise of std ``count_noise`` (a count has sensitivity 1) and is charged on
+    The count gets Gaussian noise of std ``count_noise`` (a count has sensitivity 1), drawn from the
+    operating system (no seed: one the caller could pass would give the count away), and is charged on
     ``ledger``; everything else derives from it. The asset's mock is the policy itself: it is public, and
     the data scientist needs it to plan.
     """
     if not isinstance(n_records, (int, np.integer)) or n_records < 1:
         raise ValueError(f"n_records must be a positive integer, got {n_records!r}")
-    noisy_count = max(int(batch_size), int(round(gaussian_noise(n_records, count_noise, seed))))
+    noisy_count = max(int(batch_size), int(round(gaussian_noise(n_records, count_noise))))
     policy = DPPolicy(noise_multiplier, max_grad_norm, batch_size, epochs, lr, momentum, noisy_count,
                       count_noise)
     ledger.record(*policy.count_release)
@@ -132,7 +154,8 @@ def dp_train(images, labels, weights, policy):
 
 
 def _check_weights(weights) -> dict[str, np.ndarray]:
-    """Untrusted weights from the data scientist: TanhCNN's names and shapes, finite floats, nothing else."""
+    """Untrusted weights from the data scientist: TanhCNN's names and shapes, floats that are finite and
+    within :data:`MAX_WEIGHT` as float32 (checked after the cast: float64 1e300 becomes inf)."""
     if not isinstance(weights, Mapping):
         raise ValueError(f"weights must be a dict of arrays, got {type(weights).__name__}")
     expected = {name: tuple(t.shape) for name, t in TanhCNN().state_dict().items()}
@@ -142,10 +165,15 @@ def _check_weights(weights) -> dict[str, np.ndarray]:
     checked = {}
     for name, value in weights.items():
         array = np.asarray(value)
-        if array.dtype.kind != "f" or array.shape != expected[name] or not np.isfinite(array).all():
+        if array.dtype.kind != "f" or array.shape != expected[name]:
             raise ValueError(f"weight {name!r} must be finite floats of shape {expected[name]}, "
                              f"got {array.dtype} {array.shape}")
-        checked[name] = array.astype(np.float32)
+        with np.errstate(over="ignore"):
+            array = array.astype(np.float32)
+        if not (np.isfinite(array).all() and np.abs(array).max(initial=0) <= MAX_WEIGHT):
+            raise ValueError(f"weight {name!r} must be finite, within +-{MAX_WEIGHT:g} as float32 (the "
+                             f"owner's bound); its largest |value| is {np.abs(array).max():.3g}")
+        checked[name] = array
     return checked
 
 
@@ -155,7 +183,9 @@ def dp_local_update(images, labels, weights: Mapping[str, np.ndarray], policy) -
     ``images`` are the owner's raw uint8 digits (N, 28, 28); ``policy`` the owner's :class:`DPPolicy`
     (or its asset array); ``weights``, the global :class:`TanhCNN` weights, is the one input the data
     scientist chooses and is checked. Returns only ``weights`` (DP-trained) and the public ``noisy_count``:
-    nothing that depends on the exact number of records.
+    nothing that depends on the exact number of records. The Poisson sampling and the noise come from a
+    generator the operating system seeds (:func:`secure_ai.dp_sgd.make_private`'s default), whatever the
+    caller did to torch's or numpy's global generators.
     """
     from .training import get_weights, set_weights
 
@@ -183,36 +213,42 @@ def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy,
                         function_name: str = "dp_train") -> int:
     """Owner side: approve the data scientist's pending DP-FedAvg request, or deny it and raise.
 
-    Approves only a request that carries one code, exactly :func:`dp_train` (the owner's own copy), whose
-    inputs pin ``images``, ``labels`` and ``policy`` to this owner's assets (``weights`` is the only free
-    input), with a run limit N such that N rounds of ``policy`` keep ``ledger`` within its budget.
-    The approval is the owner's own (:meth:`~secure_ai.datasites.DataOwner.approve`), bound to the request
-    and code reviewed here. All N rounds are charged on ``ledger`` now: the data scientist may use every one.
+    Approves only a request that carries one code, exactly :func:`dp_train` (the owner's own copy), and
+    nothing else (a second code change, or nested code, is refused), whose inputs pin ``images``, ``labels``
+    and ``policy`` to this owner's assets (``weights`` is the only free input), with a run limit N such that
+    N rounds of ``policy`` keep ``ledger`` within its budget. All N rounds are charged on ``ledger`` first,
+    in one locked step (:meth:`~secure_ai.privacy.PrivacyLedger.charge`), and only then approved: the data
+    scientist may use every one, and the ledger is never behind the runs (if the approval itself fails,
+    the charge stays: ahead, never behind). The approval is the owner's own
+    (:meth:`~secure_ai.datasites.DataOwner.approve`), bound to the request and code reviewed here.
     Returns N.
     """
-    matches = [r for r in owner.pending_requests()
-               if getattr(r.code, "service_func_name", None) == function_name]
-    if len(matches) != 1:
-        raise DPRequestRefused(f"{owner.name}: expected one pending request for {function_name!r}, "
-                               f"found {len(matches)}")
-    try:  # the owner's own review: one code and nothing nested, the request approve() will approve
+    try:  # the owner's own review: one request, one code, nothing nested (else ValueError)
         owner.code_of(function_name)
-    except ValueError as error:  # e.g. a second code change hidden in the request
+        request = owner.pending_request(function_name)
+    except ValueError as error:
         reason = str(error)
     else:
-        reason = _refusal(owner, ledger, policy, matches[0])
+        reason = _refusal(owner, ledger, policy, request)
+    if reason is None:
+        limit = request.code.output_policy_init_kwargs["limit"]
+        try:
+            ledger.charge(*policy.run, times=limit)
+        except BudgetExceeded as error:
+            reason = str(error)
     if reason is not None:
-        owner.deny(function_name, f"DP request refused: {reason}")
+        try:
+            owner.deny(function_name, f"DP request refused: {reason}")
+        except ValueError:  # no pending request of that name: nothing to deny
+            pass
         raise DPRequestRefused(f"{owner.name} refused {function_name!r}: {reason}")
-    limit = matches[0].code.output_policy_init_kwargs["limit"]
     owner.approve(function_name)  # exactly the request and code reviewed above
-    for _ in range(limit):
-        ledger.record(*policy.run)
     return limit
 
 
 def _refusal(owner, ledger: PrivacyLedger, policy: DPPolicy, request) -> str | None:
-    """Why ``owner`` refuses this DP-FedAvg request, or ``None`` when every check passes.
+    """Why ``owner`` refuses this DP-FedAvg request, or ``None`` when every check passes (the budget is
+    checked again when the ledger is charged).
 
     The request carries exactly one code and nothing nested: :meth:`DataOwner.code_of` checked that first.
     """

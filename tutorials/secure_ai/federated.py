@@ -11,8 +11,10 @@ The round trip, in syft 0.9.5 terms:
 
 An approval pins the code, not its inputs: the data scientist picks the ``weights`` message anew on every
 call. Approved training code therefore starts with :func:`secure_ai.training.checked_model`, the owner's
-bounds on that message (minimum batch size, learning rate, model shape, finite weights). The request and
-the call go through :mod:`secure_ai.remote`; this module chooses the assets they bind.
+bounds on that message (batch size between a minimum and a maximum, learning rate, model shape, finite
+weights), and trains on full batches only (``train_epoch(..., drop_last=True)``, or one step on
+:func:`secure_ai.training.batch_indices`), so that no step averages fewer digits than the bound. The request
+and the call go through :mod:`secure_ai.remote`; this module chooses the assets they bind.
 
 Why it is fast: the assets stay on the datasite in their compact uint8 form, one call per owner per
 round does a whole local epoch, the mock is small (syft also runs approved code on the mock), and

@@ -19,22 +19,20 @@ The MLP is 784 -> ``hidden`` -> ReLU -> 10 (:class:`secure_ai.training.MLP`). Fo
   one owner and a model whose update it knows to the others, then reads that owner's exact count and update
   off the secure sum (:func:`inconsistent_models`, :func:`recover_target`).
 
-Owner side, for measuring: Part 2's approved functions with its bounds as they are meant to hold (a full
-batch of ``batch_size`` digits from a seeded permutation, no wrap-around, only full batches in an epoch;
-:func:`one_batch`, :func:`local_epoch`), the same step with DP-SGD (:func:`dp_one_batch`), and what the
-aggregator receives from a round of Part 4's double masking or CKKS is simulated in
-:mod:`secure_ai.aggregator` (``masked_average``, ``ckks_average``). Grading (:func:`grade`) compares
-reconstructions with the owners' digits.
+Owner side, for measuring: Part 2's approved functions with its bounds as they hold (a full batch of
+``batch_size`` digits from a seeded permutation, no wrap-around, only full batches in an epoch: the index
+helpers of :mod:`secure_ai.training`; :func:`one_batch`, :func:`local_epoch`), the same step with DP-SGD
+(:func:`dp_one_batch`), and what the aggregator receives from a round of Part 4's double masking or CKKS is
+simulated in :mod:`secure_ai.aggregator` (``masked_average``, ``ckks_average``). Grading (:func:`grade`)
+compares reconstructions with the owners' digits.
 """
 from __future__ import annotations
-
-import os
 
 import numpy as np
 import torch
 
 from .data import MNIST_STD, normalize
-from .training import MLP, model_to_vector, train_epoch, vector_to_model
+from .training import MLP, batch_indices, model_to_vector, train_epoch, vector_to_model
 
 PIXELS, HIDDEN, CLASSES = 28 * 28, 500, 10
 PIXEL_EXACT = 1e-3  # max error on [0, 1] pixels: a quarter of a grey level, so 8-bit rounding gives the digit
@@ -193,43 +191,34 @@ def grade(reconstructed, digits, labels, pool, pool_labels) -> dict:
 
 
 # --- owner side: Part 2's approved steps, with its bounds as meant ------------------------------------------
-def batch_indices(n: int, batch_size: int, batch: int = 0, seed: int = 0) -> np.ndarray:
-    """The digits of ``one_batch``'s batch number ``batch``: a full slice of a seeded permutation; a batch
-    that would run past the end (a tail, or a wrap-around) is refused."""
-    if not 0 <= batch < n // batch_size:
-        raise ValueError(f"batch {batch} of {batch_size} digits does not fit in {n} digits")
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return order[batch * batch_size:(batch + 1) * batch_size]
-
-
 def _model(vector, hidden: int) -> MLP:
     return vector_to_model(torch.as_tensor(np.asarray(vector, dtype=np.float32)), MLP(hidden=hidden))
 
 
+def _raw(images, idx=None) -> torch.Tensor:
+    images = np.asarray(images)
+    return torch.from_numpy(np.array(images if idx is None else images[idx]))  # a copy, writable
+
+
 def one_batch(vector, images, labels, *, lr: float, batch_size: int, batch: int = 0, seed: int = 0,
               hidden: int = HIDDEN) -> np.ndarray:
-    """Part 2's ``one_batch``: one plain SGD step on a full batch; returns the new float32 vector."""
+    """Part 2's ``one_batch``: one plain SGD step on the full batch :func:`secure_ai.training.batch_indices`
+    gives (a tail or a wrap-around is refused); returns the new float32 vector."""
     idx = batch_indices(len(labels), batch_size, batch, seed)
     model = _model(vector, hidden)
-    train_epoch(model, normalize(np.asarray(images)[idx]), torch.as_tensor(np.asarray(labels)[idx]),
+    train_epoch(model, _raw(images, idx), torch.as_tensor(np.asarray(labels)[idx]),
                 torch.optim.SGD(model.parameters(), lr=lr), batch_size=batch_size, seed=0, progress=False)
     return model_to_vector(model).numpy()
 
 
-def epoch_indices(n: int, batch_size: int, seed: int = 0) -> np.ndarray:
-    """The digits a full-batch epoch trains on: a seeded permutation without its last ``n % batch_size``."""
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).numpy()
-    return order[: n // batch_size * batch_size]
-
-
 def local_epoch(vector, images, labels, *, lr: float, batch_size: int, seed: int = 0, momentum: float = 0.0,
                 hidden: int = HIDDEN) -> np.ndarray:
-    """Part 2's ``train_on_mnist``: one local epoch of full batches only; returns the new float32 vector."""
-    idx = epoch_indices(len(labels), batch_size, seed)
+    """Part 2's ``train_on_mnist``: one local epoch of full batches only (the digits
+    :func:`secure_ai.training.epoch_indices` lists); returns the new float32 vector."""
     model = _model(vector, hidden)
-    train_epoch(model, normalize(np.asarray(images)[idx]), torch.as_tensor(np.asarray(labels)[idx]),
+    train_epoch(model, _raw(images), torch.as_tensor(np.asarray(labels)),
                 torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum), batch_size=batch_size,
-                seed=seed, progress=False)
+                seed=seed, progress=False, drop_last=True)
     return model_to_vector(model).numpy()
 
 
@@ -237,18 +226,16 @@ def dp_one_batch(vector, images, labels, *, lr: float, batch_size: int, noise_mu
                  max_grad_norm: float, batch: int = 0, seed: int = 0, hidden: int = HIDDEN) -> np.ndarray:
     """``one_batch`` with DP-SGD (Opacus, as Part 5's ``dp_step``): each digit's gradient clipped to
     ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` on their sum, divided by
-    ``batch_size``. The noise comes from a seed drawn from the operating system, never from the caller."""
+    ``batch_size``. The noise comes from :func:`secure_ai.dp_sgd.make_private`'s generator, seeded by the
+    operating system, never from the caller."""
     from .dp_sgd import make_private
 
     idx = batch_indices(len(labels), batch_size, batch, seed)
     model = _model(vector, hidden)
-    with torch.random.fork_rng():
-        torch.manual_seed(int.from_bytes(os.urandom(8), "big"))
-        private = make_private(model, torch.optim.SGD(model.parameters(), lr=lr),
-                               torch.from_numpy(np.array(np.asarray(images)[idx])),
-                               torch.as_tensor(np.asarray(labels)[idx]), batch_size=batch_size,
-                               max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
-        private.train_epoch(progress=False)  # sample rate 1: the whole batch, one noisy step
+    private = make_private(model, torch.optim.SGD(model.parameters(), lr=lr), _raw(images, idx),
+                           torch.as_tensor(np.asarray(labels)[idx]), batch_size=batch_size,
+                           max_grad_norm=max_grad_norm, noise_multiplier=noise_multiplier)
+    private.train_epoch(progress=False)  # sample rate 1: the whole batch, one noisy step
     return model_to_vector(model).numpy()
 
 

@@ -1,21 +1,30 @@
 """Differential privacy's maths: noise mechanisms, privacy accounting, and the most DP lets any attack learn.
 
 * counting queries: :func:`laplace_mechanism`, :func:`gaussian_mechanism` (analytic calibration), and
-  :func:`gaussian_noise` (one draw, as an owner releases a noisy record count)
+  :func:`gaussian_noise` (one draw from the operating system's secure source, as an owner releases a noisy
+  record count)
 * accounting: :func:`poisson_sampling`, :func:`epsilon_spent` (epsilon of a list of DP-SGD runs), and
-  :class:`PrivacyLedger` (one per owner)
+  :class:`PrivacyLedger` (one per owner, kept in a file that survives a restart)
 * the bound: :func:`dp_tpr_bound`, the highest true-positive rate any membership attack can reach against an
   (epsilon, delta)-DP training (Kairouz et al. 2015)
 
 Training with DP lives in :mod:`secure_ai.dp_sgd` (DP-SGD with Opacus) and :mod:`secure_ai.dp_fedavg`
-(DP-FedAvg on the owners' datasites); the chapter's figures are in :mod:`secure_ai.plots`. Noise comes from
-numpy generators: fine for a lesson, not secure sampling (see Part 3, section 5).
+(DP-FedAvg on the owners' datasites); the chapter's figures are in :mod:`secure_ai.plots`.
+:func:`laplace_mechanism` and :func:`gaussian_mechanism` take a ``seed`` so that a lesson's figures can be
+reproduced; without one they draw from fresh OS entropy. What an owner releases draws from the OS only:
+:func:`gaussian_noise` takes no seed (DP review 3.10), and DP-SGD's generator is seeded by the OS
+(:func:`secure_ai.dp_sgd.os_generator`).
 """
 from __future__ import annotations
 
+import json
 import math
+import os
+import random
+import threading
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from contextlib import contextmanager
+from pathlib import Path
 
 import numpy as np
 
@@ -88,11 +97,14 @@ def gaussian_mechanism(true_answer: float, epsilon: float, delta: float, sensiti
     return true_answer + _rng(seed).normal(0.0, sigma, size=size)
 
 
-def gaussian_noise(value: float, std: float, seed=None) -> float:
-    """``value`` plus one draw of N(0, std^2), from numpy: fine for a lesson, not secure sampling (Part 3)."""
+def gaussian_noise(value: float, std: float) -> float:
+    """``value`` plus one draw of N(0, std^2) from the operating system's secure source (``os.urandom``).
+
+    No seed: a count released with noise that a caller could seed is a count it could read exactly.
+    """
     if not (is_number(std) and std > 0):
         raise ValueError(f"std must be a positive number, got {std!r}")
-    return float(value + _rng(seed).normal(0.0, std))
+    return float(value + random.SystemRandom().normalvariate(0.0, std))
 
 
 # --- accounting ---------------------------------------------------------------------------------------------
@@ -154,29 +166,87 @@ def epsilon_spent(runs: Sequence[tuple[float, float, int]], delta: float = DELTA
         return float(counter.get_epsilon(delta=delta))
 
 
-@dataclass
+class BudgetExceeded(ValueError):
+    """More runs than an owner's privacy budget allows: nothing was recorded."""
+
+
 class PrivacyLedger:
     """One data owner's privacy accountant: every DP run on their data adds to their epsilon.
 
     Epsilon composes: the more rounds an owner takes part in, the more it has spent. ``budget`` (optional)
-    is the most epsilon the owner accepts; ask :meth:`allows` before approving more runs. The ledger
-    records every run it is told about, within budget or not: spent privacy cannot be given back.
+    is the most epsilon the owner accepts: :meth:`charge` records runs only within it, in one step.
+    :meth:`record` records every run it is told about, within budget or not: spent privacy cannot be given
+    back. Charge before the runs can happen: a ledger may be ahead of the runs, never behind.
+
+    ``path`` (optional) keeps the runs in a JSON file. Every change locks it (``fcntl``), reads it, and
+    replaces it atomically, so concurrent threads or processes never lose a run; a ledger created on an
+    existing file starts from it, so a restarted owner keeps what it spent (DP review 3.12). The file must
+    belong to the same owner, delta and accountant.
     """
 
-    owner: str
-    delta: float = DELTA
-    budget: float | None = None
-    accountant: str = "prv"
-    runs: list[tuple[float, float, int]] = field(default_factory=list)
-    history: list[float] = field(default_factory=list)
+    def __init__(self, owner: str, delta: float = DELTA, budget: float | None = None,
+                 accountant: str = "prv", path: str | os.PathLike | None = None):
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be between 0 and 1 (exclusive), got {delta!r}")
+        if budget is not None and not (is_number(budget) and budget > 0):
+            raise ValueError(f"budget must be a positive number or None, got {budget!r}")
+        if accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+        self.owner, self.delta, self.budget, self.accountant = owner, delta, budget, accountant
+        self.path = None if path is None else Path(path)
+        self._memory: dict = {"owner": owner, "delta": delta, "accountant": accountant, "runs": [],
+                              "history": []}
+        self._lock = threading.Lock()
+        with self._state():  # creates the file, or checks that an existing one is this owner's
+            pass
+
+    def __repr__(self) -> str:
+        return (f"PrivacyLedger({self.owner!r}, epsilon={self.epsilon:.3f}, budget={self.budget}, "
+                f"runs={len(self.runs)}{f', path={str(self.path)!r}' if self.path else ''})")
+
+    @contextmanager
+    def _state(self):
+        """The ledger's state, locked while the block runs; written back (atomically) when it changes."""
+        with self._lock:
+            if self.path is None:
+                yield self._memory
+                return
+            import fcntl  # POSIX; only a ledger kept in a file needs it
+
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path.with_suffix(".lock"), "w") as lock:
+                fcntl.flock(lock, fcntl.LOCK_EX)
+                state = self._read()
+                before = json.dumps(state)
+                yield state
+                if json.dumps(state) != before or not self.path.exists():
+                    temporary = self.path.with_suffix(".tmp")
+                    temporary.write_text(json.dumps(state))
+                    os.replace(temporary, self.path)
+
+    def _read(self) -> dict:
+        if not self.path.exists():
+            return {**self._memory, "runs": [], "history": []}
+        state = json.loads(self.path.read_text())
+        mine = {"owner": self.owner, "delta": self.delta, "accountant": self.accountant}
+        theirs = {key: state.get(key) for key in mine}
+        if theirs != mine:
+            raise ValueError(f"the ledger file {self.path} belongs to {theirs}, not {mine}")
+        return state
+
+    def _runs(self) -> list[tuple[float, float, int]]:
+        with self._state() as state:
+            return [tuple(run) for run in state["runs"]]
 
     def epsilon_after(self, noise_multiplier: float, sample_rate: float, steps: int, times: int = 1) -> float:
         """The epsilon this owner would have spent after ``times`` more such runs (nothing is recorded)."""
-        _check_run(noise_multiplier, sample_rate, steps)
-        if not isinstance(times, int) or times < 0:
+        return self._epsilon_after(self._runs(), (noise_multiplier, sample_rate, steps), times)
+
+    def _epsilon_after(self, runs: list, run: tuple, times: int) -> float:
+        _check_run(*run)
+        if not isinstance(times, int) or isinstance(times, bool) or times < 0:
             raise ValueError(f"times must be a non-negative integer, got {times!r}")
-        return epsilon_spent(self.runs + [(noise_multiplier, sample_rate, steps)] * times, self.delta,
-                             self.accountant)
+        return epsilon_spent(runs + [run] * times, self.delta, self.accountant)
 
     def allows(self, noise_multiplier: float, sample_rate: float, steps: int, times: int = 1) -> bool:
         """Whether ``times`` more such runs keep this owner within budget (always true without one)."""
@@ -184,11 +254,37 @@ class PrivacyLedger:
         return self.budget is None or epsilon <= self.budget
 
     def record(self, noise_multiplier: float, sample_rate: float, steps: int) -> float:
-        """Add one DP-SGD run on this owner's data; returns the owner's epsilon so far."""
-        epsilon = self.epsilon_after(noise_multiplier, sample_rate, steps)
-        self.runs.append((float(noise_multiplier), float(sample_rate), int(steps)))
-        self.history.append(epsilon)
-        return epsilon
+        """Add one DP-SGD run on this owner's data, within budget or not; returns the owner's epsilon."""
+        return self._add((noise_multiplier, sample_rate, steps), 1, within_budget=False)
+
+    def charge(self, noise_multiplier: float, sample_rate: float, steps: int, times: int = 1) -> float:
+        """Record ``times`` such runs if they keep the owner within budget; otherwise record nothing and
+        raise :class:`BudgetExceeded`. The check and the record are one locked step. Returns the epsilon."""
+        return self._add((noise_multiplier, sample_rate, steps), times, within_budget=True)
+
+    def _add(self, run: tuple, times: int, within_budget: bool) -> float:
+        with self._state() as state:
+            runs = [tuple(r) for r in state["runs"]]
+            total = self._epsilon_after(runs, run, times)
+            if within_budget and self.budget is not None and total > self.budget:
+                raise BudgetExceeded(f"{self.owner}: {times} more runs would spend epsilon {total:.2f}, "
+                                     f"over the budget of {self.budget}")
+            run = (float(run[0]), float(run[1]), int(run[2]))
+            for k in range(1, times + 1):
+                state["history"].append(total if k == times else self._epsilon_after(runs, run, k))
+                state["runs"].append(list(run))
+            return total
+
+    @property
+    def runs(self) -> list[tuple[float, float, int]]:
+        """Every recorded run, ``(noise_multiplier, sample_rate, steps)``, oldest first."""
+        return self._runs()
+
+    @property
+    def history(self) -> list[float]:
+        """The owner's epsilon after each recorded run."""
+        with self._state() as state:
+            return list(state["history"])
 
     @property
     def steps(self) -> int:
@@ -197,12 +293,12 @@ class PrivacyLedger:
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far (at this ledger's delta)."""
-        return self.history[-1] if self.history else 0.0
+        history = self.history
+        return history[-1] if history else 0.0
 
     @property
     def within_budget(self) -> bool:
         return self.budget is None or self.epsilon <= self.budget
-
 
 
 # --- what DP promises against membership inference ----------------------------------------------------------

@@ -75,23 +75,58 @@ def check_data(images: torch.Tensor, labels: torch.Tensor) -> None:
         raise ValueError("no samples: the dataset is empty")
 
 
-def batches(images, labels, batch_size: int = 64, shuffle: bool = True, seed: int | None = None):
+def _order(n: int, shuffle: bool, seed: int | None) -> torch.Tensor:
+    """The order an epoch visits ``n`` samples: a permutation (seeded when ``seed`` is given), or 0..n-1."""
+    if not shuffle:
+        return torch.arange(n)
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed) if seed is not None else None)
+
+
+def _check_batch_size(batch_size) -> None:
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer) or batch_size < 1:
+        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+
+
+def batches(images, labels, batch_size: int = 64, shuffle: bool = True, seed: int | None = None,
+            drop_last: bool = False):
     """Yield ``(x, y)`` mini-batches from tensors already in memory (much faster than a DataLoader).
 
+    ``drop_last`` keeps full batches only: the last ``len(images) % batch_size`` samples of the order are
+    left out (what approved training code uses, so that no step trains on fewer than ``batch_size``), and
+    fewer samples than one batch give no batch at all.
     Raw uint8 digits (N, 28, 28) are normalized batch by batch: a quarter of the memory of float images.
     """
     check_data(images, labels)
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    _check_batch_size(batch_size)
     n, raw = len(images), _is_raw(images)
-    if shuffle:
-        generator = torch.Generator().manual_seed(seed) if seed is not None else None
-        order = torch.randperm(n, generator=generator)
-    else:
-        order = torch.arange(n)
-    for start in range(0, n, batch_size):
+    order = _order(n, shuffle, seed)
+    end = n // batch_size * batch_size if drop_last else n
+    for start in range(0, end, batch_size):
         idx = order[start : start + batch_size]
         yield (normalize(images[idx]) if raw else images[idx]), labels[idx]
+
+
+def epoch_indices(n: int, batch_size: int, seed: int) -> np.ndarray:
+    """The samples a full-batch epoch (``train_epoch(..., seed=seed, drop_last=True)``) trains on, in the
+    order it visits them: a seeded permutation of ``n`` without its last ``n % batch_size`` (none at all
+    when ``n < batch_size``)."""
+    _check_batch_size(batch_size)
+    return _order(n, True, seed)[: n // batch_size * batch_size].numpy()
+
+
+def batch_indices(n: int, batch_size: int, batch: int, seed: int) -> np.ndarray:
+    """The samples of batch number ``batch`` of a seeded permutation of ``n``: always ``batch_size`` of them.
+
+    A batch that would run past the end (a short tail, or a wrap-around to the start) is refused with a
+    ``ValueError``: approved code that takes one step on the data scientist's ``batch`` never trains on fewer
+    samples than the bound it checked. syft runs approved code on the owner's mock too, after the private
+    data, and fails the call when that run raises: through syft, a batch must also fit in the mock.
+    """
+    _check_batch_size(batch_size)
+    if isinstance(batch, bool) or not isinstance(batch, int | np.integer) or not 0 <= batch < n // batch_size:
+        raise ValueError(f"batch {batch!r} of {batch_size} samples is not a full batch of the data "
+                         f"({n // batch_size} full batches): no tail, no wrap-around")
+    return _order(n, True, seed)[batch * batch_size:(batch + 1) * batch_size].numpy()
 
 
 def train_epoch(
@@ -103,14 +138,21 @@ def train_epoch(
     seed: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    drop_last: bool = False,
 ) -> float:
-    """One pass over ``(images, labels)`` in shuffled mini-batches; returns the mean training loss."""
+    """One pass over ``(images, labels)`` in shuffled mini-batches; returns the mean training loss.
+
+    ``drop_last=True`` trains on full batches only (:func:`epoch_indices` are the samples it uses): approved
+    code passes it, so that every step averages at least the ``batch_size`` the owner's bounds checked.
+    With fewer samples than one batch there is no step at all, and the loss is NaN. (syft runs approved
+    code on the small mock too, after the private data: that run must not fail.)
+    """
     check_data(images, labels)
     model.train()
     loss_fn = nn.CrossEntropyLoss()
     total, count = 0.0, 0
-    n_batches = -(-len(images) // batch_size)
-    for x, y in tqdm(batches(images, labels, batch_size, True, seed), total=n_batches, desc=desc,
+    n_batches = len(images) // batch_size if drop_last else -(-len(images) // batch_size)
+    for x, y in tqdm(batches(images, labels, batch_size, True, seed, drop_last), total=n_batches, desc=desc,
                      disable=not progress, leave=False, mininterval=0.5):
         optimizer.zero_grad(set_to_none=True)
         loss = loss_fn(model(x), y)
@@ -119,7 +161,7 @@ def train_epoch(
         total += loss.item() * len(y)
         count += len(y)
     release_memory()
-    return total / count
+    return total / count if count else float("nan")
 
 
 @torch.no_grad()
@@ -232,17 +274,32 @@ def fedavg(updates: Sequence, weights: Sequence[float] | None = None):
 
 
 # --- the owner's bounds on a training message (runs on the datasite, first thing in approved code) ----------
+# The largest batch approved code trains on in one step, unless the owner sets another. It bounds the work
+# and memory of one step on the owner's machine (the MLP at 256 digits: 1.3 MB of inputs and activations)
+# and keeps an epoch several steps long: a batch of 1e9 made one step on all of an owner's data. It is no
+# defence against a crafted model: imprint weights still rebuild digits of a batch of 256 exactly
+# (benchmarks/malicious_model.py, section B). Part 2's recipes use 64; DP-SGD computes in slices of 256 too.
+MAX_BATCH_SIZE = 256
+
+
 def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_momentum: float = 0.99,
-                  max_channels: int = 32, extra_ints: tuple[str, ...] = ()):
+                  max_channels: int = 32, extra_ints: tuple[str, ...] = (),
+                  max_batch_size: int = MAX_BATCH_SIZE):
     """Owner side, first thing in approved training code: the data scientist's message, within bounds.
 
     The message is ``{"model": "cnn" | "mlp", "channels": [c1, c2] (cnn only), "vector": weights, "lr",
     "momentum", "batch_size", "seed"}`` plus the integer keys named in ``extra_ints``. Refused with a
-    ``ValueError``: unknown or missing keys, ``batch_size < min_batch_size``, ``lr`` outside
-    ``(0, max_lr]``, ``momentum`` outside ``[0, max_momentum]``, channels outside ``1..max_channels``, and a
-    ``vector`` that is not a finite float32 vector of exactly the model's size.
+    ``ValueError``: unknown or missing keys, ``batch_size`` outside ``[min_batch_size, max_batch_size]``,
+    ``lr`` outside ``(0, max_lr]``, ``momentum`` outside ``[0, max_momentum]``, channels outside
+    ``1..max_channels``, and a ``vector`` that is not a finite float32 vector of exactly the model's size.
     Returns ``(model with the vector loaded, the checked message)``.
+
+    The batch bounds hold only if the training code then takes full batches: :func:`train_epoch` with
+    ``drop_last=True``, or one step on :func:`batch_indices`.
     """
+    if not 1 <= min_batch_size <= max_batch_size:
+        raise ValueError(f"need 1 <= min_batch_size <= max_batch_size, got {min_batch_size} and "
+                         f"{max_batch_size}")
     if not isinstance(message, Mapping):
         raise ValueError(f"the message must be a dict, got {type(message).__name__}")
     required = {"model", "vector", "lr", "momentum", "batch_size", "seed", *extra_ints}
@@ -251,10 +308,12 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
         raise ValueError(f"message keys must be {sorted(required)} (and 'channels' for a cnn), got "
                          f"{sorted(message)}")
 
-    def integer(key, low):
+    def integer(key, low, high=None):
         value = message[key]
-        if isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low:
-            raise ValueError(f"{key} must be an integer >= {low}, got {value!r}")
+        if (isinstance(value, bool) or not isinstance(value, int | np.integer) or value < low
+                or (high is not None and value > high)):
+            bounds = f">= {low}" if high is None else f"in [{low}, {high}]"
+            raise ValueError(f"{key} must be an integer {bounds}, got {value!r}")
         return int(value)
 
     def number(key, low, high, low_open):
@@ -266,7 +325,7 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
             raise ValueError(f"{key} must be a number in {interval}, got {value!r}")
         return float(value)
 
-    checked = {"model": message["model"], "batch_size": integer("batch_size", min_batch_size),
+    checked = {"model": message["model"], "batch_size": integer("batch_size", min_batch_size, max_batch_size),
                "seed": integer("seed", 0), "lr": number("lr", 0, max_lr, True),
                "momentum": number("momentum", 0, max_momentum, False)}
     checked |= {key: integer(key, 0) for key in extra_ints}
