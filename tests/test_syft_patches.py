@@ -219,3 +219,82 @@ def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
             call(ds.code.total, x=asset, k=3)
         assert owner.runs("total") == 2
     assert workers.port_is_free(port)
+
+
+# --- fix 6: a server dies with the process that started it -------------------------------------------------
+ORPHAN_SCRIPT = r"""
+import json, multiprocessing, os, sys, threading, time
+if sys.argv[1] == "spawn":
+    multiprocessing.set_start_method("spawn", force=True)   # syft's choice on macOS
+import psutil
+from secure_ai.workers import TEMP_ROOT, DataOwner, port_is_free
+
+owners = []
+starter = threading.Thread(target=lambda: owners.append(DataOwner("orphan", port=int(sys.argv[2]))))
+starter.start()
+starter.join()                  # the thread that forked the server is gone: Linux sends PR_SET_PDEATHSIG now
+time.sleep(2 * float(sys.argv[3]))
+port = int(sys.argv[2])
+server = next(child for child in psutil.Process().children()
+              if any(c.laddr.port == port and c.status == "LISTEN" for c in child.net_connections()))
+assert server.is_running() and not port_is_free(port), "the server died with its parent thread"
+folders = [str(path) for path in TEMP_ROOT.iterdir()]   # the one server's database and blobs
+print(json.dumps({"pid": server.pid, "folders": folders, "root": str(TEMP_ROOT)}), flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
+def test_a_server_dies_with_the_process_that_started_it(start_method, tmp_path):
+    """Fix 6: SIGKILL the process that started an HTTP owner (as the OOM killer does to a kernel); within
+    seconds its server has exited, its port is free and its folder and the process's syft root are gone.
+
+    Measured before this fix: the server was re-parented to init and kept serving (0.9 GB RSS each in
+    Part 6), and its folder stayed in the temporary directory."""
+    import json
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    from secure_ai import scale, workers
+
+    port = scale.free_port()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1] / "tutorials"))
+    env.pop("SYFT_TEMP_ROOT", None)  # inherited from this process: the starter must make its own
+    starter = subprocess.Popen(
+        [sys.executable, "-c", ORPHAN_SCRIPT, start_method, str(port), str(syft_patches.ORPHAN_POLL_S)],
+        stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path)
+    try:
+        lines = iter(starter.stdout.readline, "")  # a spawned server prints to the same stdout
+        line = next((line for line in lines if line.startswith("{")), None)
+        assert line, f"the starter failed (exit {starter.wait(timeout=30)})"
+        started = json.loads(line)
+        assert len(started["folders"]) == 1 and Path(started["folders"][0]).is_dir()
+        assert not workers.port_is_free(port)
+        os.kill(starter.pid, signal.SIGKILL)
+        starter.wait(timeout=10)
+        deadline = time.monotonic() + syft_patches.ORPHAN_GRACE_S + 10
+        while time.monotonic() < deadline and not (_gone(started["pid"]) and workers.port_is_free(port)):
+            time.sleep(0.2)
+    finally:
+        starter.kill()
+    survived = not _gone(started["pid"])
+    if survived:  # do not leave it running for the next tests
+        os.kill(started["pid"], signal.SIGKILL)
+        shutil.rmtree(started["root"], ignore_errors=True)
+    assert not survived, "the server outlived the process that started it"
+    assert workers.port_is_free(port)
+    assert not Path(started["folders"][0]).exists() and not Path(started["root"]).exists()

@@ -1,4 +1,4 @@
-"""Five defects of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream: we patch it here.
+"""Six defects of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream: we patch it here.
 
 1. Slow calls. ``attach_attribute_to_syft_object`` (syft/types/syft_object.py) walks every
    ``collections.abc.Sequence`` it meets in a result, and ``bytes``/``str`` are Sequences: every byte of a
@@ -26,12 +26,31 @@
    to the *spawn* start method on macOS, and a spawned child imports stock syft, with fixes 1-4 absent.
    The fix replaces ``syft.server.uvicorn.run_uvicorn`` with :func:`run_uvicorn`, which applies the fixes
    in the child before it serves.
+6. Server processes outlive their parent. Nothing ties an HTTP datasite's process to the process that
+   started it: when a notebook's kernel is killed (out of memory, a forced restart, SIGKILL), its servers
+   are re-parented to init and keep serving, holding their memory, their ports and their folders under
+   the temporary directory, until somebody kills them by hand. The fix, also in :func:`run_uvicorn`: a
+   watchdog thread in the server notices that the parent is gone (``os.getppid()`` changes; on Linux the
+   kernel also signals it at once, through ``prctl(PR_SET_PDEATHSIG)``), stops the server the way a
+   ``terminate()`` does (uvicorn's graceful shutdown, at most :data:`ORPHAN_GRACE_S` seconds, then a
+   hard exit), and deletes its folder, and the syft root folder of the dead parent
+   (``secure-ai-syft-<pid>``, one per process, see :mod:`secure_ai.workers`). Works with fork (Linux)
+   and spawn (macOS) alike.
 
 :func:`apply` is idempotent; importing :mod:`secure_ai.workers` applies it.
 """
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import multiprocessing
+import os
+import shutil
+import signal
+import sys
+import threading
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 _LEAVES = (str, bytes, bytearray, memoryview)
@@ -107,10 +126,86 @@ def execute(self, context, *args, **kwargs):
     return _original_execute(self, context, *args, **kwargs)
 
 
+ORPHAN_POLL_S = 0.25  # how often the watchdog looks at its parent (Linux also wakes it at once)
+ORPHAN_GRACE_S = 5.0  # how long an orphaned server may take to shut down gracefully before it exits
+
+
 def run_uvicorn(*args, **kwargs):
-    """syft's ``run_uvicorn`` (the body of an HTTP datasite's process), after applying these fixes there."""
+    """syft's ``run_uvicorn`` (the body of an HTTP datasite's process), after applying these fixes there,
+    and stopped, with its folder deleted, when the process that started it dies (fix 6)."""
     apply()
-    return _original_run_uvicorn(*args, **kwargs)
+    parent = multiprocessing.parent_process()
+    parent_pid = parent.pid if parent is not None else os.getppid()
+    folder = _choose_server_folder()
+    orphaned = threading.Event()
+    signal.signal(signal.SIGTERM, _exit_on_sigterm)  # not the default action: the cleanup below must run
+    _watch_parent(parent_pid, orphaned, folder)
+    try:
+        return _original_run_uvicorn(*args, **kwargs)
+    finally:
+        if orphaned.is_set() or os.getppid() != parent_pid:
+            _remove_folders(folder, parent_pid)
+
+
+def _exit_on_sigterm(signum, frame):
+    """SIGTERM outside uvicorn's own handler: exit through ``finally`` blocks. uvicorn re-raises the signal
+    it shut down for once it is done (from ``capture_signals``): then there is nothing left to stop."""
+    if frame is not None and frame.f_code.co_name == "capture_signals":
+        return
+    raise SystemExit(0)
+
+
+def _choose_server_folder() -> Path:
+    """Give this process's server a fresh random id, as syft would, but one we know, and return the folder
+    syft will keep its database and blobs in (``$TMPDIR/$SYFT_TEMP_ROOT/<id>``)."""
+    import syft.server.server as server_module
+    from syft.server.utils import get_temp_dir_for_server
+    from syft.types.uid import UID
+
+    uid = UID()
+    server_module.server_uid_env = str(uid)  # read by Server.__init__ (syft reads $SERVER_UID at import)
+    return get_temp_dir_for_server(uid)
+
+
+def _remove_folders(folder: Path, parent_pid: int) -> None:
+    """Delete an orphaned server's folder, and its root folder when that was made for the dead parent
+    (``secure-ai-syft-<parent pid>``: nobody else writes there, the other servers in it die too)."""
+    shutil.rmtree(folder, ignore_errors=True)
+    if folder.parent.name.endswith(f"-{parent_pid}"):
+        shutil.rmtree(folder.parent, ignore_errors=True)
+
+
+def _watch_parent(parent_pid: int, orphaned: threading.Event, folder: Path) -> threading.Thread:
+    """Start the watchdog thread of fix 6: when ``parent_pid`` is no longer this process's parent, ask the
+    server to stop (SIGTERM to itself: uvicorn's graceful shutdown), and exit hard if it is not done
+    within :data:`ORPHAN_GRACE_S`."""
+    wake = threading.Event()
+    if sys.platform.startswith("linux"):  # the kernel signals the parent's death at once
+        previous = signal.getsignal(signal.SIGUSR1)
+
+        def on_parent_death(signum, frame):
+            wake.set()
+            if callable(previous):
+                previous(signum, frame)
+
+        signal.signal(signal.SIGUSR1, on_parent_death)
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, int(signal.SIGUSR1), 0, 0, 0)  # PR_SET_PDEATHSIG = 1; also sent when the parent
+        # *thread* that forked us ends, so the watchdog checks the parent process before it acts
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            wake.wait(ORPHAN_POLL_S)
+            wake.clear()
+        orphaned.set()
+        os.kill(os.getpid(), signal.SIGTERM)
+        threading.Event().wait(ORPHAN_GRACE_S)
+        _remove_folders(folder, parent_pid)  # still alive: a request that does not finish
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="secure-ai-parent-watchdog", daemon=True)
+    thread.start()
+    return thread
 
 
 _original_is_execution_allowed = None
