@@ -134,7 +134,7 @@ def run_uvicorn(*args, **kwargs):
     """syft's ``run_uvicorn`` (the body of an HTTP datasite's process), after applying these fixes there,
     and stopped, with its folder deleted, when the process that started it dies (fix 6)."""
     apply()
-    parent = multiprocessing.parent_process()
+    parent = multiprocessing.parent_process()  # the process that asked for this server (a kernel)
     parent_pid = parent.pid if parent is not None else os.getppid()
     folder = _choose_server_folder()
     orphaned = threading.Event()
@@ -143,7 +143,7 @@ def run_uvicorn(*args, **kwargs):
     try:
         return _original_run_uvicorn(*args, **kwargs)
     finally:
-        if orphaned.is_set() or os.getppid() != parent_pid:
+        if orphaned.is_set():
             _remove_folders(folder, parent_pid)
 
 
@@ -176,9 +176,23 @@ def _remove_folders(folder: Path, parent_pid: int) -> None:
 
 
 def _watch_parent(parent_pid: int, orphaned: threading.Event, folder: Path) -> threading.Thread:
-    """Start the watchdog thread of fix 6: when ``parent_pid`` is no longer this process's parent, ask the
-    server to stop (SIGTERM to itself: uvicorn's graceful shutdown), and exit hard if it is not done
-    within :data:`ORPHAN_GRACE_S`."""
+    """Start the watchdog thread of fix 6: when the process ``parent_pid`` has ended (or this process's
+    parent in the OS, the same process or a fork server it started, changed), ask the server to stop
+    (SIGTERM to itself: uvicorn's graceful shutdown), and exit hard if it is not done within
+    :data:`ORPHAN_GRACE_S`."""
+    os_parent = os.getppid()
+
+    def parent_alive() -> bool:
+        if os.getppid() != os_parent:  # re-parented: whoever forked us has exited
+            return False
+        try:
+            os.kill(parent_pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+
     wake = threading.Event()
     if sys.platform.startswith("linux"):  # the kernel signals the parent's death at once
         previous = signal.getsignal(signal.SIGUSR1)
@@ -194,7 +208,7 @@ def _watch_parent(parent_pid: int, orphaned: threading.Event, folder: Path) -> t
         # *thread* that forked us ends, so the watchdog checks the parent process before it acts
 
     def watch() -> None:
-        while os.getppid() == parent_pid:
+        while parent_alive():
             wake.wait(ORPHAN_POLL_S)
             wake.clear()
         orphaned.set()
