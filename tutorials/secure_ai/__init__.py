@@ -17,6 +17,7 @@ One concern per module:
 * :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place
 * :mod:`secure_ai.quiet` - hides syft's log noise
 * :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)
+* :mod:`secure_ai.memory` - memory as a cgroup counts it (proportional set size of a process tree)
 
 Modules that import syft, Opacus or TenSEAL are not imported here, so ``import secure_ai`` stays fast.
 """
