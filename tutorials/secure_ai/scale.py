@@ -336,8 +336,12 @@ def server_process(owner: DataOwner) -> psutil.Process:
 
 
 def memory_mb(owner: DataOwner) -> float:
-    """Resident memory of an HTTP owner's server process, in MB."""
-    return server_process(owner).memory_info().rss / 1e6
+    """An HTTP owner's server process's share of memory (PSS, :mod:`secure_ai.memory`), in MB: what it adds
+    to the machine, pages it shares with the kernel it was forked from split among them (RSS counts those
+    pages in full in every process)."""
+    from .memory import pss
+
+    return pss(server_process(owner).pid) / 1e6
 
 
 def kill_owner(owner: DataOwner) -> int:
