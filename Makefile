@@ -4,6 +4,7 @@
 #   make run    execute every notebook headlessly, in place, with figures and stamps (tools/execute.py)
 #   make html   render the executed notebooks into a static book in build/ (tools/book.py)
 #   make cost   execute each notebook alone; print run time and peak memory (benchmarks/notebook_cost.py)
+#   make binder-check  execute each notebook inside a 1.8 GB memory cgroup, as in a Binder pod (tools/cgroup.py)
 PYTHON ?= python3.11
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -11,7 +12,7 @@ STAMP  := $(VENV)/.installed
 NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb))
 CUDA_ONLY := nvidia-|cuda-|triton==
 
-.PHONY: lab test run html cost mnist env lock lint clean
+.PHONY: lab test run html cost binder-check mnist env lock lint clean
 
 env: $(STAMP)
 
@@ -52,6 +53,12 @@ html: $(STAMP)
 
 cost: $(STAMP)
 	$(BIN)/python benchmarks/notebook_cost.py $(NOTEBOOKS)
+
+# Linux, as root or with a delegated cgroup (Binder's limit counts the kernel, its servers and the page
+# cache together). One notebook: make binder-check NOTEBOOKS=tutorials/Part-06-....ipynb
+BINDER_LIMIT ?= 1.8G
+binder-check: $(STAMP) mnist
+	$(BIN)/python -m tools.cgroup --limit $(BINDER_LIMIT) $(NOTEBOOKS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check tutorials tests benchmarks tools
