@@ -67,6 +67,7 @@ def test_a_notebook_and_the_servers_it_starts_run_under_one_limit(tmp_path):
     binder = cgroup.run_notebook(path)
     assert binder.returncode == 0 and not binder.killed, binder.stderr
     assert 300e6 < binder.peak_bytes < cgroup.BINDER_LIMIT
+    assert 300e6 < binder.pss_peak_bytes < binder.peak_bytes  # the stamp: processes only, no page cache
 
 
 def test_the_command_line_stops_with_the_reason_where_no_cgroup_can_be_made(monkeypatch, capsys):

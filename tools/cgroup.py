@@ -134,6 +134,7 @@ class Outcome:
     oom_kills: int               # processes the OOM killer ended in it
     seconds: float
     stderr: str = ""             # what the command wrote to a captured stderr
+    pss_peak_bytes: int | None = None  # a notebook's: what `make run` stamps (secure_ai.memory)
 
     @property
     def killed(self) -> bool:
@@ -266,11 +267,19 @@ def _report(path: Path, command: list[str]) -> int:
 # --- notebooks ---------------------------------------------------------------------------------------------
 def run_notebook(notebook: Path, limit: int = BINDER_LIMIT, timeout: int = 900) -> Outcome:
     """Execute ``notebook`` as ``make run`` does (into a temporary folder), inside a cgroup of ``limit``."""
+    import nbformat  # only here: the command line for other commands needs nothing outside the stdlib
+
     with tempfile.TemporaryDirectory(prefix="secure-ai-binder-") as out:
         command = [sys.executable, "-m", "tools.execute", "--output-dir", out, "--timeout", str(timeout),
                    str(Path(notebook).resolve())]
-        return run(command, limit, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
-                   stderr=subprocess.PIPE)
+        outcome = run(command, limit, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL,
+                      stderr=subprocess.PIPE)
+        executed = Path(out, Path(notebook).name)
+        if executed.exists():
+            stamp = nbformat.read(executed, as_version=4).metadata.get("secure_ai", {})
+            if stamp.get("peak_memory_mb"):
+                outcome.pss_peak_bytes = stamp["peak_memory_mb"] * 10**6
+        return outcome
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -295,13 +304,15 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return outcome.returncode if outcome.returncode >= 0 else 128 - outcome.returncode  # as a shell
     failed = 0
-    print(f"| notebook | under {limit / 1e9:.2g} GB | cgroup peak | run time |\n|---|---|---|---|")
+    print(f"| notebook | under {limit / 1e9:.2g} GB | cgroup peak | PSS peak | run time |")
+    print("|---|---|---|---|---|")
     for notebook in args.targets:
-        outcome = run_notebook(Path(notebook))
+        outcome = run_notebook(Path(notebook), limit)
         verdict = ("killed for memory" if outcome.killed
                    else "finishes" if outcome.returncode == 0 else f"fails (exit {outcome.returncode})")
         peak = f"{outcome.peak_bytes / 1e6:,.0f} MB" if outcome.peak_bytes else "unknown"
-        print(f"| {Path(notebook).name} | {verdict} | {peak} | {outcome.seconds:.0f} s |", flush=True)
+        pss = f"{outcome.pss_peak_bytes / 1e6:,.0f} MB" if outcome.pss_peak_bytes else "-"
+        print(f"| {Path(notebook).name} | {verdict} | {peak} | {pss} | {outcome.seconds:.0f} s |", flush=True)
         if outcome.returncode != 0:
             failed += 1
             print("\n".join(outcome.stderr.strip().splitlines()[-15:]), file=sys.stderr)
