@@ -328,8 +328,11 @@ def test_a_forked_server_trains_without_loading_torch_again():
 
     if multiprocessing.get_start_method() != "fork" or not os.path.exists("/proc/self/smaps_rollup"):
         pytest.skip("servers are forked, and private memory read from /proc, on Linux only")
+    from secure_ai.workers import TEMP_ROOT
+
     rng = np.random.default_rng(0)
     images, labels = rng.integers(0, 256, (256, 28, 28), dtype=np.uint8), rng.integers(0, 10, 256)
+    before = set(TEMP_ROOT.iterdir()) if TEMP_ROOT.exists() else set()
     owner = DataOwner("fix7", port=scale.free_port())
     try:
         assert "torch._dynamo" in sys.modules and gc.get_freeze_count() > 0
@@ -345,6 +348,9 @@ def test_a_forked_server_trains_without_loading_torch_again():
         assert reply["n_samples"] == 256
         private = _private_bytes(scale.server_process(owner).pid)
         assert private < 170e6, f"the server holds {private / 1e6:.0f} MB of its own (0.3 GB before fix 7)"
+        folders = set(TEMP_ROOT.iterdir()) - before
+        assert len(folders) == 1, folders  # the server's database and blobs
     finally:
         owner.shutdown()
     assert gc.get_freeze_count() == 0 or syft_patches._forked_servers > 0
+    assert not any(folder.exists() for folder in folders), "fix 6: a stopped server deletes its folder"

@@ -35,7 +35,9 @@
    ``terminate()`` does (uvicorn's graceful shutdown, at most :data:`ORPHAN_GRACE_S` seconds, then a
    hard exit), and deletes its folder, and the syft root folder of the dead parent
    (``secure-ai-syft-<pid>``, one per process, see :mod:`secure_ai.workers`). Works with fork (Linux)
-   and spawn (macOS) alike.
+   and spawn (macOS) alike. A server stopped normally deletes its folder too: syft gives every HTTP
+   server a new random id, so no later server would read it (``DataOwner.shutdown`` looks for it under
+   the name's id, where only in-memory datasites keep theirs).
 7. Forked servers copy the kernel's memory. On Linux a server process is forked from the kernel and
    shares its memory until either side writes a page. Two things defeated the sharing, measured with
    Part 6's three owners (PSS of kernel and servers after five rounds, PyPI's CUDA torch): 1.76 GB.
@@ -156,9 +158,11 @@ def run_uvicorn(*args, **kwargs):
     _watch_parent(parent_pid, orphaned, folder)
     try:
         return _original_run_uvicorn(*args, **kwargs)
-    finally:
+    finally:  # the folder is this process's alone: its id is new, no later server reads it
         if orphaned.is_set():
             _remove_folders(folder, parent_pid)
+        else:
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _exit_on_sigterm(signum, frame):
