@@ -4,24 +4,41 @@
 #   make run    execute every notebook headlessly, in place, with figures and stamps (tools/execute.py)
 #   make html   render the executed notebooks into a static book in build/ (tools/book.py)
 #   make cost   execute each notebook alone; print run time and peak memory (benchmarks/notebook_cost.py)
-PYTHON ?= python3.11
+#   make binder-check  execute each notebook inside a 1.8 GB memory cgroup, as in a Binder pod (tools/cgroup.py)
+# Python 3.11 or 3.12, each with its own lock (numpy differs: syft 0.9.5 pins 1.24 on 3.11, 1.26 on 3.12).
+# PYTHON defaults to the first of python3.11, python3.12 that runs; the lock follows the Python of $(VENV)
+# (or of PYTHON while $(VENV) does not exist yet), so `make test PYTHON=python3.12` needs no other setting.
+LOCKS := 3.11:requirements.txt 3.12:requirements-py312.txt
+runs   = $(shell $(1) -c "import sys; print('%d.%d' % sys.version_info[:2])" 2>/dev/null)
+PYTHON ?= $(firstword $(foreach p,python3.11 python3.12,$(if $(call runs,$(p)),$(p))) python3.11)
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
+PYVER  := $(call runs,$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)))
+LOCK   := $(patsubst $(PYVER):%,%,$(filter $(PYVER):%,$(LOCKS)))
+ifneq ($(origin PYTHON),file)
+ifneq ($(wildcard $(BIN)/python),)
+ifneq ($(call runs,$(PYTHON)),$(PYVER))
+$(error $(VENV) holds Python $(PYVER), not $(PYTHON)'s: `make clean` first, or pass another VENV=...)
+endif
+endif
+endif
 # The chapters, then the appendices (exempt from the chapter goals of tools/chapter_metrics.py).
 NOTEBOOKS := $(sort $(wildcard tutorials/Part-*.ipynb)) $(sort $(wildcard tutorials/Appendix-*.ipynb))
 CUDA_ONLY := nvidia-|cuda-|triton==
 
-.PHONY: lab test run html cost mnist env lock lint clean
+.PHONY: lab test run html cost binder-check mnist env lock lint clean
 
 env: $(STAMP)
 
 # Re-installs whenever the lock changes, so `git pull && make test` never runs a stale env.
-$(STAMP): requirements.txt
+$(STAMP): $(or $(LOCK),requirements.txt)
+	@test -n "$(LOCK)" || { echo "'$(PYTHON)' is Python $(or $(PYVER),<not found>): install Python 3.11 or 3.12," \
+	  "or run: make PYTHON=/path/to/python3.12 ..."; exit 1; }
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || { \
-	  echo "Could not create $(VENV) with '$(PYTHON)'. Install Python 3.11 or run: make PYTHON=/path/to/python3.11 ..."; exit 1; }
+	  echo "Could not create $(VENV) with '$(PYTHON)'. Install Python 3.11 or 3.12, or run: make PYTHON=/path/to/python3.12 ..."; exit 1; }
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24"
-	$(BIN)/python -m pip install --quiet -r requirements.txt
+	$(BIN)/python -m pip install --quiet -r $(LOCK)
 	$(BIN)/python -m ipykernel install --sys-prefix --name secure-ai --display-name "Python 3 (secure-ai)" >/dev/null
 	@touch $@
 	@echo "Environment ready in $(VENV)."
@@ -54,16 +71,31 @@ html: $(STAMP)
 cost: $(STAMP)
 	$(BIN)/python benchmarks/notebook_cost.py $(NOTEBOOKS)
 
+# Linux, as root or with a delegated cgroup (Binder's limit counts the kernel, its servers and the page
+# cache together). One notebook: make binder-check NOTEBOOKS=tutorials/Part-06-....ipynb
+BINDER_LIMIT ?= 1.8G
+binder-check: $(STAMP) mnist
+	$(BIN)/python -m tools.cgroup --limit $(BINDER_LIMIT) $(NOTEBOOKS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check tutorials tests benchmarks tools
 
-# Update the lock after editing requirements.in. CUDA runtime wheels exist for Linux only, so they
-# get a marker that lets macOS and Windows install the same lock.
-lock:
-	test -x .tools/bin/pip-compile || { $(PYTHON) -m venv .tools && .tools/bin/pip install --quiet pip-tools==7.6.2; }
-	.tools/bin/pip-compile --quiet --no-emit-index-url --no-emit-find-links --strip-extras \
-	  -o requirements.txt requirements.in
-	sed -i.bak -E '/^($(CUDA_ONLY))/ s/$$/ ; sys_platform == "linux"/' requirements.txt && rm requirements.txt.bak
+# Update both locks after editing requirements.in, each compiled by its own Python (pip-compile resolves
+# for the Python it runs on). CUDA runtime wheels exist for Linux only, so they get a marker that lets
+# macOS and Windows install the same lock. Each lock is for one Python: the python_version markers of
+# requirements.in are dropped. Other names: make lock PYTHON3.11=... PYTHON3.12=...
+PYTHON3.11 ?= python3.11
+PYTHON3.12 ?= python3.12
+lock: $(foreach pair,$(LOCKS),lock-$(firstword $(subst :, ,$(pair))))
+
+lock-%:
+	$(eval out := $(patsubst $*:%,%,$(filter $*:%,$(LOCKS))))
+	test -x .tools/pip-tools-$*/bin/pip-compile || { $(PYTHON$*) -m venv .tools/pip-tools-$* && \
+	  .tools/pip-tools-$*/bin/pip install --quiet pip-tools==7.6.2; }
+	.tools/pip-tools-$*/bin/pip-compile --quiet --no-emit-index-url --no-emit-find-links --strip-extras \
+	  -o $(out) requirements.in
+	sed -i.bak -E -e 's/ ; python_version [<>=]+ "[0-9.]+"$$//' \
+	  -e '/^($(CUDA_ONLY))/ s/$$/ ; sys_platform == "linux"/' $(out) && rm $(out).bak
 
 clean:
 	rm -rf $(VENV) .tools .pytest_cache build

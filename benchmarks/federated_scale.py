@@ -11,7 +11,9 @@ Measured per N:
   medians;
 * syft seconds per call: a call's wall time as the data scientist saw it minus the training time inside the
   owner's function (median over the sequential calls, where owners do not compete for the CPU);
-* memory: peak RSS of this process (the data scientist) and RSS of each owner server after the rounds;
+* memory after the rounds, as proportional set sizes (PSS, :mod:`secure_ai.memory`: shared pages split
+  among the processes that share them, so the figures add up): each owner server's, all owners' together,
+  this process's (the data scientist's), and the total of this process and everything it started;
 * bytes per round: the message and a reply as syft serializes them, times N, both directions.
 
 Timings on a shared machine are noisy: the load average is printed with them. Usage, from the repository
@@ -23,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import resource
 import statistics
 import sys
 import time
@@ -31,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tutorials"))
 
-from secure_ai import data, datasites, runtime, scale  # noqa: E402
+from secure_ai import data, datasites, memory, runtime, scale  # noqa: E402
 from secure_ai import federated as fl  # noqa: E402
 from secure_ai import training as tr  # noqa: E402
 from secure_ai.datasites import DataOwner, sy  # noqa: E402
@@ -77,13 +78,13 @@ def measure(n: int, samples: int, repeats: int) -> dict:
     reply = {"weights": {"vector": vector}, "n_samples": samples, "loss": 0.0, "train_s": 0.0}
     wire = lambda obj: len(sy.serialize(obj, to_bytes=True))
     owner_mb = [datasites.memory_mb(o) for o in owners.values()]
+    ds_mb, total_mb = memory.pss(os.getpid()) / 1e6, memory.tree_pss(os.getpid()) / 1e6
     datasites.shutdown_all()
     return {"N": n, "setup s": setup_s,
             "sequential s": statistics.median(r.seconds for r in sequential.records),
             "concurrent s": statistics.median(r.seconds for r in concurrent.records[1:]),
             "syft s/call": statistics.median(syft_s),
-            "owner MB": max(owner_mb), "all owners MB": sum(owner_mb),
-            "DS peak MB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3,
+            "owner MB": max(owner_mb), "all owners MB": sum(owner_mb), "DS MB": ds_mb, "total MB": total_mb,
             "MB/round": n * (wire(message) + wire(reply)) / 1e6}
 
 
@@ -108,6 +109,8 @@ def main() -> None:
         print("".join(f"{row[c]:>14.2f}" if isinstance(row[c], float) else f"{row[c]:>14}" for c in columns)
               + f"{row['concurrent s'] / row['sequential s']:>10.2f}")
     print("\nconc/seq: concurrent over sequential round time (goal with 2 owners on 2 cores: <= 0.65).")
+    print("MB: proportional set sizes after the rounds (owner MB: the largest owner's); DS + all owners is")
+    print("the total but for multiprocessing's helper processes (a few MB).")
     print(f"load average at the end {os.getloadavg()[0]:.2f} (shared machine: timings are noisy).")
 
 

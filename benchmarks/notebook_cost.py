@@ -2,10 +2,12 @@
 
 Run from the repository root (``make cost``); the notebooks are executed into a temporary folder, never
 in place, exactly as ``make run`` executes them (fresh ``secure-ai`` kernel, inline figures). Peak memory
-is the largest total, sampled every 0.1 s, of the kernel's resident memory and the unique memory of the
-processes it starts (syft's HTTP datasite in Part 1): what a Binder user's 2 GB must hold besides
-JupyterLab. With PyPI's CUDA build of torch (Linux) about 0.4 GB of it is torch's CUDA libraries, which
-a CPU-only torch (Binder, conda, macOS) does not load.
+is the largest total, sampled every 0.1 s, of the proportional set size (PSS) of the kernel and the
+processes it starts (syft's HTTP datasites in Parts 1 and 6), each shared page counted once
+(:mod:`secure_ai.memory`): what a Binder user's 2 GB must hold besides JupyterLab and the page cache
+(``make binder-check`` runs each notebook inside such a limit). With PyPI's CUDA build of torch (Linux)
+part of it is torch's CUDA libraries, which a CPU-only torch (Binder, conda, macOS) does not load
+(INSTALLATION.md, "CPU-only torch").
 
     .venv/bin/python benchmarks/notebook_cost.py                 # every chapter, a Markdown table
     .venv/bin/python benchmarks/notebook_cost.py --cells 5 tutorials/Part-02-*.ipynb

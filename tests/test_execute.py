@@ -2,6 +2,8 @@
 saved as their final text, stamps that tests/test_saved_notebooks.py accepts."""
 from __future__ import annotations
 
+import time
+
 import nbformat
 import pytest
 from test_saved_notebooks import problems
@@ -73,29 +75,64 @@ def test_a_failing_notebook_is_reported_and_not_saved(tmp_path, capsys):
 
 
 def test_memory_sampler_counts_children_without_eating_a_core(monkeypatch):
-    """Children's USS (about 20 ms each to read) is re-read at most once per ``children_interval``; the
-    kernel's own RSS every sample. Reading it every 0.1 s took 60% of a core with three owner servers."""
+    """PSS (about 20 ms per process to read, with torch loaded) is re-read at most once per
+    ``full_interval``; in between only RSS, every sample. Reading every process every 0.1 s took 60% of a
+    core with three owner servers."""
     import subprocess
     import sys
 
     import psutil
+    from secure_ai import memory
 
-    from tools.execute import MemorySampler
-
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = subprocess.Popen([sys.executable, "-c", "b = bytearray(50_000_000); import time; time.sleep(30)"])
     try:
         reads = []
-        original = psutil.Process.memory_full_info
-        monkeypatch.setattr(psutil.Process, "memory_full_info",
-                            lambda self: reads.append(self.pid) or original(self))
-        sampler = MemorySampler(psutil.Process().pid, children_interval=60.0)
-        first = sampler.rss(fresh=True)                       # after a cell: read everything
-        assert child.pid in reads and first > psutil.Process().memory_info().rss
+        original = memory.pss
+        monkeypatch.setattr(memory, "pss", lambda pid: reads.append(pid) or original(pid))
+        sampler = memory.TreeSampler(psutil.Process().pid, full_interval=60.0)
+        for _ in range(100):                                  # the child has allocated its 50 MB
+            if psutil.Process(child.pid).memory_info().rss > 50e6:
+                break
+            time.sleep(0.05)
+        first = sampler.read(fresh=True)                      # after a cell: read everything
+        assert child.pid in reads and first > original(psutil.Process().pid) + 50e6
         reads.clear()
         for _ in range(50):                                   # the 0.1 s samples in between
-            sampler.rss(fresh=False)
+            sampler.read(fresh=False)
         assert reads == []
-        assert sampler.rss(fresh=True) > 0 and reads.count(child.pid) == 1   # (other children may exist)
+        assert sampler.read(fresh=True) > 0 and reads.count(child.pid) == 1   # (other children may exist)
     finally:
         child.kill()
         child.wait()
+
+
+def test_pss_adds_up_where_rss_counts_shared_pages_twice():
+    """A forked child shares its parent's pages: RSS counts them in both, PSS splits them, so the tree's
+    PSS is close to what parent and child hold together (issue 23, FL review 38)."""
+    import os
+    import signal
+
+    import numpy as np
+    import psutil
+    from secure_ai import memory
+
+    if not os.path.exists("/proc/self/smaps_rollup"):
+        pytest.skip("PSS is read from /proc/<pid>/smaps_rollup (Linux)")
+    block = np.ones(100_000_000 // 8)  # 100 MB, resident, shared with the child after fork
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child only waits
+        os.close(write)
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        os.close(read)
+        me, child = psutil.Process(), psutil.Process(pid)
+        rss_sum = me.memory_info().rss + child.memory_info().rss
+        pss_sum = memory.pss(me.pid) + memory.pss(pid)
+        assert rss_sum - pss_sum > 90e6, "the 100 MB block is in both RSS, once in the summed PSS"
+        assert memory.pss(pid) < child.memory_info().rss - 40e6
+        assert block.sum() > 0
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)

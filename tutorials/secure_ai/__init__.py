@@ -7,6 +7,7 @@ L0, plumbing:
 
 * :mod:`secure_ai.quiet` - hides syft's log noise and Opacus's warnings
 * :mod:`secure_ai.runtime` - one torch thread, and freed memory handed back (small CPU machines)
+* :mod:`secure_ai.memory` - memory as a cgroup counts it (proportional set size of a process tree)
 
 L1, machine learning and maths, offline (no syft; code that runs on a datasite imports only these):
 

@@ -400,8 +400,10 @@ def server_process(owner: DataOwner) -> psutil.Process:
 
 
 def memory_mb(owner: DataOwner) -> float:
-    """Resident memory of an HTTP owner's server process, in MB."""
-    return server_process(owner).memory_info().rss / 1e6
+    """An HTTP owner's server's share of memory in MB: PSS (:mod:`secure_ai.memory`), which adds up."""
+    from .memory import pss
+
+    return pss(server_process(owner).pid) / 1e6
 
 
 def kill_owner(owner: DataOwner) -> int:
