@@ -72,7 +72,7 @@ cost: $(STAMP)
 	$(BIN)/python benchmarks/notebook_cost.py $(NOTEBOOKS)
 
 # Linux, as root or with a delegated cgroup (Binder's limit counts the kernel, its servers and the page
-# cache together). One notebook: make binder-check NOTEBOOKS=tutorials/Part-06-....ipynb
+# cache together). One notebook: make binder-check NOTEBOOKS=tutorials/Part-07-....ipynb
 BINDER_LIMIT ?= 1.8G
 binder-check: $(STAMP) mnist
 	$(BIN)/python -m tools.cgroup --limit $(BINDER_LIMIT) $(NOTEBOOKS)

@@ -6,7 +6,7 @@ kernel's OOM killer ends a process in it (usually the notebook's kernel). ``make
 each notebook, exactly as ``make run`` does but into a temporary folder, in a fresh cgroup of 1.8 GB (a
 2 GB pod minus JupyterLab's share), and reports whether it finished and the cgroup's peak.
 
-    python -m tools.cgroup --limit 1.8G tutorials/Part-06-*.ipynb     # notebooks, one cgroup each
+    python -m tools.cgroup --limit 1.8G tutorials/Part-07-*.ipynb     # notebooks, one cgroup each
     python -m tools.cgroup --limit 200M -- python -c "..."              # any command
 
 Where it works: Linux, as root or with a delegated cgroup. cgroup v1 (a ``memory`` hierarchy, as on this
