@@ -18,6 +18,7 @@ exactly as DP-SGD on pixels.
 """
 from __future__ import annotations
 
+import hashlib
 import warnings
 
 import torch
@@ -30,7 +31,7 @@ J, ANGLES, SIZE = 2, 8, 28                 # 2 scales, 8 angles, 28 x 28 digits
 CHANNELS = 1 + J * ANGLES + ANGLES ** 2 * J * (J - 1) // 2  # order 0, 1 and 2 paths: 81
 SIDE = SIZE // 2 ** J                      # each channel is subsampled to 7 x 7
 N_FEATURES = CHANNELS * SIDE * SIDE        # 3,969 numbers per digit
-GROUPS = 27                                # per-image normalization over groups of 3 channels (Tramèr & Boneh)
+GROUPS = 27                                # normalize each image over groups of 3 channels (Tramèr & Boneh)
 COMPACT_SCALE = 1 / 16                     # int8 storage: steps of 1/16, range +-8 (normalized units)
 CHUNK = 500                                # images transformed at once (memory, not results)
 
@@ -66,19 +67,35 @@ class ScatterNet(nn.Module):
 
     Takes raw uint8 digits (N, 28, 28) or MNIST-normalized floats (N, 1, 28, 28); each image is transformed
     and normalized on its own. With ``compact``, the output is rounded as :func:`scatter_features` stores it.
+    With ``memo``, each image's features are kept (compact: 4 KB a digit), keyed by a hash of the image,
+    and not computed again: a membership attack shows the same digits to dozens of models.
     """
 
-    def __init__(self, compact: bool = False):
+    def __init__(self, compact: bool = False, memo: bool = False):
         super().__init__()
         from kymatio.torch import Scattering2D
 
         self.scattering = Scattering2D(J=J, shape=(SIZE, SIZE), L=ANGLES)
-        self.compact = compact
+        self.compact, self.memo = compact, {} if memo else None
+
+    def _transform(self, pixels: torch.Tensor) -> torch.Tensor:
+        features = _normalize_each(self.scattering(pixels).reshape(-1, N_FEATURES))
+        return _round_compact(features) if self.compact else features
 
     @torch.no_grad()
     def forward(self, images) -> torch.Tensor:
-        features = _normalize_each(self.scattering(_pixels(images)).reshape(-1, N_FEATURES))
-        return _round_compact(features).float() * COMPACT_SCALE if self.compact else features
+        pixels = _pixels(images)
+        if self.memo is None:
+            rows = self._transform(pixels)
+        else:
+            keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in pixels]
+            new = list(dict.fromkeys(k for k in keys if k not in self.memo))
+            if new:
+                index = {k: i for i, k in enumerate(keys)}
+                for key, row in zip(new, self._transform(pixels[[index[k] for k in new]])):
+                    self.memo[key] = row.clone()
+            rows = torch.stack([self.memo[k] for k in keys])
+        return rows.float() * COMPACT_SCALE if self.compact else rows
 
 
 def _round_compact(features: torch.Tensor) -> torch.Tensor:
@@ -99,7 +116,7 @@ def scatter_features(images, compact: bool = False, chunk: int = CHUNK, threads:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
     images = torch.as_tensor(images)
     _pixels(images[:1])  # check the shape and dtype before any work
-    net = ScatterNet()
+    net = ScatterNet(compact=compact)
     out = torch.empty((len(images), N_FEATURES), dtype=torch.int8 if compact else torch.float32)
     previous = torch.get_num_threads()
     try:
@@ -107,8 +124,7 @@ def scatter_features(images, compact: bool = False, chunk: int = CHUNK, threads:
             torch.set_num_threads(threads)
         for start in tqdm(range(0, len(images), chunk), desc="ScatterNet", disable=not progress,
                           mininterval=1.0):
-            features = net(images[start:start + chunk])
-            out[start:start + chunk] = _round_compact(features) if compact else features
+            out[start:start + chunk] = net._transform(_pixels(images[start:start + chunk]))
     finally:
         torch.set_num_threads(previous)
     return out
