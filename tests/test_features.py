@@ -246,3 +246,30 @@ def test_anchor_epsilons_recomputed_independently(bench):
     cnn = anchors["Tramer & Boneh 2021, tanh CNN (their rerun)"][0]
     assert epsilon_classical([cnn], 1e-5) == pytest.approx(2.99, abs=0.01)
     assert np.isclose(bench.three_epsilons([cnn])[0], epsilon_pld(*cnn, 1e-5), atol=0.02)
+
+
+def epsilon_gaussian_composed(sigma, steps, delta):
+    """Exact epsilon of ``steps`` full-batch Gaussian steps (q = 1): one Gaussian mechanism of mu =
+    sqrt(steps) / sigma, delta(eps) = Phi(mu/2 - eps/mu) - e^eps Phi(-mu/2 - eps/mu) (Balle & Wang 2018)."""
+    from scipy.optimize import brentq
+    from scipy.stats import norm
+
+    mu = math.sqrt(steps) / sigma
+    def excess(e):
+        return norm.cdf(mu / 2 - e / mu) - math.exp(e) * norm.cdf(-mu / 2 - e / mu) - delta
+
+    return brentq(excess, 0, 100)
+
+
+def test_epsilon_of_the_feature_runs_proposed_for_parts_3_and_5(bench):
+    """Part 3: 10 epochs of Poisson batches of 2,048 (q = 1/30) at the noise for eps = 3; Part 5's DP
+    membership targets: 30 full-batch steps (q = 1) at the noise for eps = 1, 3 and 8 (PRV, as Opacus picks
+    it)."""
+    part3 = (1.12548828125, 1 / 30, 300)
+    independent = epsilon_pld(*part3, 1e-5)
+    assert independent <= bench.three_epsilons([part3])[0] <= independent + 0.02 and independent <= 3.0
+    for sigma, epsilon in [(20.625, 1.0), (7.65625, 3.0), (3.29345703125, 8.0)]:
+        exact = epsilon_gaussian_composed(sigma, 30, 1e-5)
+        prv, rdp, classical = bench.three_epsilons([(sigma, 1.0, 30)])
+        assert exact <= prv <= exact + 0.02 and prv <= epsilon
+        assert prv < rdp < classical == pytest.approx(epsilon_classical([(sigma, 1.0, 30)], 1e-5), rel=0.03)
