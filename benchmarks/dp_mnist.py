@@ -49,7 +49,7 @@ ANCHORS = [
      "examples/mnist_README.md: sigma 1.1, batch 240 of 60,000, 60 epochs; printed (3.01, 1e-5) until "
      "March 2021, (2.91, 1e-5) since"),
     ("Papernot et al. 2021, tanh CNN", 0.981, "2.93", None,
-     "sigma, q and steps not published with the result"),
+     "sigma, q and steps: not found in the paper's text (its tanh CNN is the one Tramer & Boneh rerun)"),
     ("Tramer & Boneh 2021, tanh CNN (their rerun)", 0.981, "~3",
      [(1.23, 512 / N_TRAIN, (N_TRAIN // 512) * 40)],
      "their code's README: sigma 1.23, batch 512, 40 epochs"),

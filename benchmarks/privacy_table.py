@@ -92,8 +92,8 @@ def dp_trainer(epsilon):
 
 def matched_trainer(accuracy, test, max_steps=500):
     """The DP model's architecture trained without DP (full-batch SGD, small steps), stopped at the first step
-    whose accuracy on 2,000 test digits reaches ``accuracy``: the DP target's utility, without privacy."""
-    test_features, test_labels = scatter()(test[0][:2000]), test[1][:2000].long()
+    whose test accuracy reaches ``accuracy``: the DP target's utility, without privacy."""
+    test_features, test_labels = scatter()(test[0]), test[1].long()  # the same test set as the target's
 
     def train(images, labels, seed):
         tr.set_seed(seed)
