@@ -14,8 +14,8 @@ TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 PACKAGE = TUTORIALS / "secure_ai"
 LAYERS = {  # as the package docstring lists them
     0: ["quiet", "runtime", "memory"],
-    1: ["data", "training", "plots", "privacy", "dp_sgd", "attacks", "membership", "costs", "imprint",
-        "secret_sharing", "encryption"],
+    1: ["data", "training", "plots", "privacy", "dp_sgd", "features", "attacks", "membership", "costs",
+        "imprint", "secret_sharing", "encryption"],
     2: ["syft_patches", "datasites", "remote"],
     3: ["pointers", "federated", "dp_fedavg", "secagg", "aggregator", "scale"],
 }

@@ -17,6 +17,7 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 * :mod:`secure_ai.plots` - every figure of the series
 * :mod:`secure_ai.privacy` - noise mechanisms, accounting and ledgers, the DP bound on attacks (Part 3)
 * :mod:`secure_ai.dp_sgd` - DP-SGD with Opacus (Part 3)
+* :mod:`secure_ai.features` - handcrafted ScatterNet features, normalized per image, for DP-SGD (Part 3)
 * :mod:`secure_ai.attacks` - what one update leaks: gradients, labels, gradient inversion, SSIM/PSNR (Part 5)
 * :mod:`secure_ai.membership` - what a trained model leaks: membership inference, ROC, margins (Part 5)
 * :mod:`secure_ai.costs` - time and bytes each protection costs an owner per round (Part 5)
