@@ -289,3 +289,25 @@ def test_part2_one_batch_through_syft_trains_a_full_batch_and_refuses_a_wrap_aro
         assert owner.runs("one_batch") == 1
     finally:
         owner.shutdown()
+
+
+def test_request_and_approve_shows_one_review_and_approves_that_code_everywhere(mnist, capsys):
+    images, labels = data.mnist_raw(True)
+    owners = {name: DataOwner(name) for name in ("qjoe", "qjane")}
+    try:
+        for owner in owners.values():
+            fl.upload_mnist(owner, images[:64], labels[:64], mock_size=8)
+            owner.add_data_scientist(EMAIL, PASSWORD)
+        clients = {name: owner.login(EMAIL, PASSWORD) for name, owner in owners.items()}
+        with pytest.raises(ValueError, match="same owners"):
+            fl.request_and_approve(train_small, clients, {"qjoe": owners["qjoe"]}, rounds=1)
+        review = fl.request_and_approve(train_small, clients, owners, rounds=1)
+        assert "def train_small" in capsys.readouterr().out and "at most 1 run" in review
+        weights = tr.get_weights(tr.MLP(hidden=16))
+        for client in clients.values():  # approved on both datasites, for exactly one run
+            assert fl.train_remotely(client, "train_small", weights)["n_samples"] == 64
+            with pytest.raises(RemoteError, match="used up"):
+                fl.train_remotely(client, "train_small", weights)
+    finally:
+        for owner in owners.values():
+            owner.shutdown()

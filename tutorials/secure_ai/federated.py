@@ -71,6 +71,31 @@ def request_training(client, train_function: Callable, rounds: int,
     return remote.request(client, train_function, rounds, training_assets(client, extra_assets))
 
 
+def request_and_approve(train_function: Callable, clients: Mapping[str, object],
+                        owners: Mapping[str, DataOwner], rounds: int, show: bool = True):
+    """Both sides in one call, for the chapters after Part 2 (which writes each step out once).
+
+    The data scientist requests ``train_function`` for at most ``rounds`` runs on every owner's datasite
+    (:func:`request_training`); each owner reviews its pending request (:meth:`DataOwner.code_of`) and
+    approves exactly the reviewed code, whose digest must be the same on every datasite. The first review is
+    printed (``show``) so that the reader sees what the owners approve. Returns that review.
+    """
+    if set(clients) != set(owners) or not clients:
+        raise ValueError(f"need the same owners on both sides, got clients {sorted(clients)} and owners "
+                         f"{sorted(owners)}")
+    for client in clients.values():
+        request_training(client, train_function, rounds)
+    name = train_function.__name__
+    first = None
+    for owner_name in clients:  # each owner reviews its own pending request, then approves that code
+        review = owners[owner_name].code_of(name)
+        first = first or review
+        owners[owner_name].approve(name, digest=first.digest)
+    if show:
+        print(first)
+    return first
+
+
 def training_assets(client, extra_assets: Mapping[str, object] | None = None) -> dict:
     """The asset arguments of a training function: ``images``, ``labels`` and any ``extra_assets``."""
     assets = client.datasets[DATASET].assets
