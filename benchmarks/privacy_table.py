@@ -80,8 +80,10 @@ def dp_trainer(epsilon):
         optimizer = torch.optim.SGD(head.parameters(), lr=DP_LR, momentum=0.9)
         budget = ({"noise_multiplier": state["sigma"]} if state else {"target_epsilon": epsilon,
                                                                       "epochs": DP_STEPS})
-        run = ft.make_private_features(head, optimizer, scatter()(images), labels.long(),
-                                       batch_size=len(labels), max_grad_norm=DP_CLIP, **budget)
+        # a seeded generator: a reproducible benchmark on public data (owners' code leaves it to the OS)
+        run = dp_sgd.make_private(head, optimizer, scatter()(images), labels.long(), batch_size=len(labels),
+                                  max_grad_norm=DP_CLIP, generator=torch.Generator().manual_seed(seed),
+                                  **budget)
         for _ in range(DP_STEPS):  # q = 1: one step per epoch
             run.train_epoch(progress=False)
         state.setdefault("sigma", run.noise_multiplier)

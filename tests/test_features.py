@@ -1,5 +1,6 @@
-"""secure_ai.features: ScatterNet features (shape, data-independence), DP-SGD on them, and the epsilon values
-of benchmarks/dp_mnist.py pinned to the independent accountants of tests/test_privacy.py."""
+"""secure_ai.features: ScatterNet features (shape, data-independence), DP-SGD on them (dp_sgd.make_private on
+2-D features: Opacus's ghost clipping), and the epsilon values of benchmarks/dp_mnist.py pinned to the
+independent accountants of tests/test_privacy.py."""
 import importlib
 import math
 import os
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 import torch
-from secure_ai import data
+from secure_ai import data, dp_sgd
 from torch import nn
 
 from tests.test_privacy import epsilon_pld, epsilon_rdp, rdp_sampled_gaussian
@@ -145,8 +146,9 @@ def test_one_dp_step_on_features_is_the_clipped_mean_plus_noise(ft):
             for total, g in zip(clipped, grads):
                 total += g * scale / n
         head.zero_grad()
-        private = ft.make_private_features(head, torch.optim.SGD(head.parameters(), lr=1.0), features, labels,
-                                           batch_size=n, max_grad_norm=clip, noise_multiplier=sigma)
+        private = dp_sgd.make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), features, labels,
+                                      batch_size=n, max_grad_norm=clip, noise_multiplier=max(sigma, 1e-12))
+        assert private.ghost
         assert private.sample_rate == 1.0 and private.steps_per_epoch == 1
         private.train_epoch(progress=False)
         assert private.steps == 1
@@ -165,11 +167,11 @@ def test_dp_sgd_on_features_learns_and_reports_the_accountants_epsilon(ft):
     features = centres[labels] + torch.randn(2000, 40)
     head = ft.linear_head(40)
     optimizer = torch.optim.SGD(head.parameters(), lr=2.0, momentum=0.9)
-    private = ft.make_private_features(head, optimizer, features, labels, batch_size=200, max_grad_norm=0.5,
-                                       target_epsilon=3.0, epochs=3)
-    for _ in range(3):
-        private.train_epoch(progress=False)
+    private = dp_sgd.make_private(head, optimizer, features, labels, batch_size=200, max_grad_norm=0.5,
+                                  target_epsilon=3.0, epochs=3)
+    history = private.fit((features, labels), epochs=3, progress=False)
     assert private.steps == 30 and private.sample_rate == pytest.approx(0.1)
+    assert [h["steps"] for h in history] == [10, 20, 30] and history[-1]["epsilon"] == private.epsilon()
     independent = epsilon_pld(private.noise_multiplier, 0.1, 30, 1e-5)
     assert independent <= private.epsilon() <= independent + 0.02 and private.epsilon() <= 3.0
     assert ft.accuracy(head, features, labels) > 0.9
@@ -182,16 +184,57 @@ def test_dp_sgd_on_features_learns_and_reports_the_accountants_epsilon(ft):
     (dict(target_epsilon=3.0), "epochs"), (dict(noise_multiplier=1.0, batch_size=0), "batch_size"),
     (dict(noise_multiplier=1.0, max_grad_norm=0), "max_grad_norm"),
 ])
-def test_make_private_features_rejects_bad_settings(ft, kwargs, message):
+def test_make_private_on_features_rejects_bad_settings(ft, kwargs, message):
     settings = dict(batch_size=10, max_grad_norm=1.0) | kwargs
     head = ft.linear_head(5)
     with pytest.raises(ValueError, match=message):
-        ft.make_private_features(head, torch.optim.SGD(head.parameters(), lr=1.0), torch.zeros(20, 5),
-                                 torch.zeros(20, dtype=torch.int64), **settings)
-    with pytest.raises(ValueError, match="labels"):
-        ft.make_private_features(head, torch.optim.SGD(head.parameters(), lr=1.0), torch.zeros(20, 5),
-                                 torch.zeros(19, dtype=torch.int64), batch_size=10, max_grad_norm=1.0,
-                                 noise_multiplier=1.0)
+        dp_sgd.make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), torch.zeros(20, 5),
+                            torch.zeros(20, dtype=torch.int64), **settings)
+
+
+@pytest.mark.parametrize("features, labels, message", [
+    (torch.zeros(20, 5), torch.zeros(19, dtype=torch.int64), "labels"),
+    (torch.zeros(20, 5, dtype=torch.int32), torch.zeros(20, dtype=torch.int64), "floats or compact int8"),
+    (torch.full((20, 5), float("inf")), torch.zeros(20, dtype=torch.int64), "finite"),
+    (torch.zeros(0, 5), torch.zeros(0, dtype=torch.int64), "empty"),
+])
+def test_make_private_rejects_features_that_are_not_features(ft, features, labels, message):
+    head = ft.linear_head(5)
+    with pytest.raises(ValueError, match=message):
+        dp_sgd.make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), features, labels,
+                            batch_size=10, max_grad_norm=1.0, noise_multiplier=1.0)
+
+
+def test_dp_sgd_on_features_draws_from_the_os_unless_given_a_generator(ft):
+    """Like DP-SGD on digits: the OS seeds the sampling and the noise (two runs differ, whatever torch's
+    global seed); a seeded generator, for experiments on public data, gives the same run twice."""
+    features, labels = torch.randn(200, 8), torch.randint(0, 10, (200,))
+
+    def run(generator=None):
+        torch.manual_seed(0)
+        head = ft.linear_head(8)
+        private = dp_sgd.make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), features, labels,
+                                      batch_size=50, max_grad_norm=1.0, noise_multiplier=1.0,
+                                      generator=generator)
+        private.train_epoch(progress=False)
+        return head.fc.weight.detach().clone()
+
+    assert not torch.equal(run(), run())
+    assert torch.equal(run(torch.Generator().manual_seed(5)), run(torch.Generator().manual_seed(5)))
+
+
+def test_empty_poisson_batches_on_features_are_noisy_steps(ft):
+    """Ghost clipping when a batch holds no sample: the step is taken, counted, and adds noise only. With 2
+    records at q = 0.01, about 98 of the 100 steps are empty; the features are 0, so the weights (not the
+    bias) move by the noise alone."""
+    head = ft.linear_head(8)
+    private = dp_sgd.make_private(head, torch.optim.SGD(head.parameters(), lr=1.0), torch.zeros(2, 8),
+                                  torch.tensor([3, 4]), batch_size=1, max_grad_norm=1.0, noise_multiplier=1.0,
+                                  sample_rate=0.01)
+    assert private.train_epoch(progress=False) >= 0
+    assert private.steps == 100 and torch.isfinite(head.fc.weight).all()
+    moved = head.fc.weight.detach()
+    assert moved.std().item() == pytest.approx(1.0 * 1.0 / 1 * 10, rel=0.25)  # sqrt(100 steps) x sigma C / B
 
 
 # --- the epsilon values the benchmark prints, pinned to independent accountants ----------------------------
