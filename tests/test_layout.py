@@ -16,7 +16,7 @@ LAYERS = {  # as the package docstring lists them
     0: ["quiet", "runtime"],
     1: ["data", "training", "plots", "privacy", "dp_sgd", "attacks", "membership", "costs", "imprint",
         "secret_sharing", "encryption"],
-    2: ["syft_patches", "datasites", "remote"],
+    2: ["syft_patches", "review", "datasites", "remote"],
     3: ["pointers", "federated", "dp_fedavg", "secagg", "scale"],
 }
 LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}

@@ -2,7 +2,8 @@
 
 A :class:`DataOwner` starts a named datasite (in memory by default, or an HTTP server on 127.0.0.1),
 holds private data next to a mock, lets a data scientist register, and reviews their code requests: every
-approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code.
+approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code (what a
+review shows and binds is :class:`secure_ai.review.CodeReview`).
 Everything a data owner does goes through syft's own API; this module only removes the boilerplate and the
 noise, and makes restarts clean: starting an owner whose name is already running replaces it, and
 :func:`shutdown_all` (also run at exit) leaves no servers, ports or temporary folders behind.
@@ -18,7 +19,6 @@ datasite. The data scientist's side is :mod:`secure_ai.remote`.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import multiprocessing
 import os
 import re
@@ -35,6 +35,7 @@ import psutil
 
 from . import syft_patches
 from .quiet import quiet, silence_logging
+from .review import CodeReview
 
 # syft keeps each datasite's database and blobs under $TMPDIR/$SYFT_TEMP_ROOT/<server id>. One folder per
 # Python process, so that two notebooks (or a notebook and the tests) never share a datasite's files.
@@ -242,7 +243,7 @@ class DataOwner:
         the code and its policies. :meth:`approve` approves exactly that, or nothing.
         """
         request = self.pending_request(function_name)
-        review = CodeReview.of(request, self)
+        review = CodeReview.of(request, _codes_of(request)[0], self.client.datasets)
         self._reviews[function_name] = review
         return review
 
@@ -254,7 +255,7 @@ class DataOwner:
         request's code and policies must have that digest. Anything else raises ``ValueError``.
         """
         request = self.pending_request(function_name)
-        current = CodeReview.of(request, self)
+        current = CodeReview.of(request, _codes_of(request)[0], self.client.datasets)
         reviewed = self._reviews.get(function_name)
         if digest is None:
             if reviewed is None:
@@ -327,54 +328,6 @@ def _codes_of(request) -> list:
 
     with quiet():
         return [c.code for c in request.changes if isinstance(c, UserCodeStatusChange)]
-
-
-def _inputs_of(code, owner: DataOwner) -> dict[str, str]:
-    """What each argument of ``code`` is bound to, in words: an asset of ``owner`` or a data type."""
-    assets = {
-        str(asset.action_id): f"asset {dataset.name}/{asset.name}"
-        for dataset in owner.client.datasets for asset in dataset.assets
-    }
-    described = {}
-    for kwargs in (code.input_policy_init_kwargs or {}).values():
-        for arg, rule in kwargs.items():
-            uid = getattr(rule, "val", rule)
-            if hasattr(rule, "type"):
-                described[arg] = f"any {rule.type.__name__} of the data scientist's"
-            else:
-                described[arg] = assets.get(str(uid), f"object {str(uid)[:8]} (not one of your assets)")
-    return dict(sorted(described.items()))
-
-
-class CodeReview(str):
-    """What an owner was shown of one pending request: prints as a header line and the code.
-
-    ``request_id`` and ``digest`` (SHA-256 of the function name, code, inputs and policies) bind an
-    approval to exactly this request and this code.
-    """
-
-    request_id: str
-    digest: str
-    function_name: str
-
-    @classmethod
-    def of(cls, request, owner: DataOwner) -> CodeReview:
-        code = _codes_of(request)[0]
-        inputs = _inputs_of(code, owner)
-        limits = {k: v for k, v in (code.output_policy_init_kwargs or {}).items() if k != "id"}
-        policies = f"{code.input_policy_type.__name__} {code.output_policy_type.__name__}{limits}"
-        digest = hashlib.sha256(
-            "\0".join([code.service_func_name, code.raw_code, repr(inputs), policies]).encode()
-        ).hexdigest()
-        once = code.output_policy_type.__name__ == "OutputPolicyExecuteOnce"
-        limit = limits.get("limit", 1 if once else None)
-        runs = f"at most {limit} run{'s' * (limit != 1)}" if limit else code.output_policy_type.__name__
-        header = (f"# request {str(request.id)[:8]}: {runs}, digest {digest[:12]}\n# inputs: "
-                  + ", ".join(f"{k} = {v}" for k, v in inputs.items()))
-        review = cls(f"{header}\n{code.raw_code}")
-        review.request_id, review.digest = str(request.id), digest
-        review.function_name = code.service_func_name
-        return review
 
 
 # --- an HTTP owner's server, as an operating-system process ------------------------------------------------
