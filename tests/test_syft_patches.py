@@ -3,6 +3,8 @@
 The end-to-end proof that run limits hold in this process is in test_datasites.py
 (test_approved_request_runs_at_most_the_approved_number_of_times); here, in a spawned server process.
 """
+import re
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -42,6 +44,9 @@ def test_patches_are_installed_in_syft():
     assert ActionService.has_read_permission_for_action_result is fixed
     assert ActionService.execute is syft_patches.execute
     assert uvicorn_module.run_uvicorn is syft_patches.run_uvicorn
+    from syft.service.dataset.dataset_service import DatasetService
+
+    assert DatasetService.add is syft_patches.add_dataset
     syft_patches.apply()  # idempotent
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
 
@@ -221,3 +226,100 @@ def test_a_spawned_http_server_enforces_run_limits(monkeypatch):
             call(ds.code.total, x=asset, k=3)
         assert owner.runs("total") == 2
     assert datasites.port_is_free(port)
+
+
+# --- fix 7: nothing a guest can read is computed from the private arrays ----------------------------------
+def _described(obj, depth: int = 0):
+    """A syft object as the data scientist's client holds it: every field and every text it renders."""
+    from syft.types.syft_object import SyftBaseObject
+
+    if depth > 6:
+        return "..."
+    if isinstance(obj, SyftBaseObject):
+        found = {field: _described(getattr(obj, field, None), depth + 1) for field in obj.model_fields}
+        for render in ("__repr__", "__str__", "_repr_html_", "_repr_markdown_", "_coll_repr_"):
+            try:
+                found[render] = str(getattr(obj, render)()) if hasattr(obj, render) else None
+            except Exception as error:  # noqa: BLE001 - a render that fails is what the guest sees
+                found[render] = f"fails: {type(error).__name__}"
+        return found
+    if isinstance(obj, Mapping):
+        return {str(key): _described(value, depth + 1) for key, value in obj.items()}
+    if isinstance(obj, list | tuple | set) and any(isinstance(v, SyftBaseObject) for v in obj):
+        return [_described(value, depth + 1) for value in obj]
+    return repr(obj)
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            yield from _flat(value, f"{prefix}.{key}")
+    elif isinstance(tree, list):
+        for i, value in enumerate(tree):
+            yield from _flat(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, tree
+
+
+_VARYING = re.compile(  # ids, keys, times and dates, and an HTML table's random element id: never the same
+    r"[0-9a-f]{8}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{4}-?[0-9a-f]{12}|[0-9a-f]{64}|0x[0-9a-f]+"
+    r"|\d{4}-\d\d-\d\d[ T][\d:.]+|[A-Z][a-z]{2} \d\d, \d{4}"
+    r"|\b(?:table|search|numrows)[-_][0-9a-f]{8}\b|^ *\"[0-9a-f]{8}\",$", re.MULTILINE)
+
+
+def guest_view(owner, email: str, password: str) -> dict[str, str]:
+    """Everything a data scientist's account can list or fetch about ``owner``'s datasets, as strings,
+    with ids, keys and times replaced (they differ between any two datasites)."""
+    from secure_ai.quiet import quiet
+
+    ds = owner.login(email, password)
+    services = ds.api.services
+    with quiet():
+        seen = {"datasets": list(ds.datasets), "metadata": services.metadata.get_metadata()}
+        for dataset in ds.datasets:
+            seen[f"search {dataset.name}"] = services.dataset.search(name=dataset.name)
+            for asset in dataset.assets:
+                pointer = services.action.get_pointer(uid=asset.action_id)
+                seen[f"{dataset.name}/{asset.name}"] = {
+                    "by action id": services.dataset.get_assets_by_action_id(uid=asset.action_id),
+                    "pointer": pointer, "mock": services.action.get_mock(uid=asset.action_id),
+                }
+                if pointer.syft_blob_storage_entry_id is not None:  # a large mock lives in blob storage
+                    seen[f"{dataset.name}/{asset.name}"]["blob"] = services.blob_storage.read(
+                        uid=pointer.syft_blob_storage_entry_id)
+        described = _described(seen)  # (an asset's HTML asks for the private data, and shows the refusal)
+    view = {}
+    for key, value in _flat(described):
+        if key.endswith((".syft_history_hash", ".utc_timestamp")):  # a hash of a random id; a time
+            continue
+        view[key] = _VARYING.sub("<varies>", str(value).replace(owner.name, "<owner>"))
+    return view
+
+
+def test_a_guest_sees_nothing_computed_from_the_private_arrays():
+    """Fix 7. Two owners hold different private data (300 and 1,000 records, other values) behind the same
+    mock. Whatever a data scientist lists or fetches is the same on both, apart from ids and times.
+
+    Measured before this fix: ``mb_size`` (and the dataset table that shows it) gave each owner's exact
+    size: 0.0208 and 0.0689 MB here, n = 257 for Part 3's owner (issue 18, leak 2). Now both show the
+    mock's size.
+    """
+    from secure_ai.datasites import DataOwner
+
+    mock = {"images": np.zeros((8, 4, 4), np.float32), "labels": np.zeros(8, np.int64)}
+    owners = [DataOwner("owner-q1"), DataOwner("owner-q2")]  # names found nowhere else
+    try:
+        for owner, n in zip(owners, (300, 1000)):
+            rng = np.random.default_rng(n)
+            owner.upload_dataset("mnist", description="digits", mock=mock, private={
+                "images": rng.random((n, 4, 4), np.float32), "labels": rng.integers(0, 10, n)})
+            owner.add_data_scientist("ds@example.org", "pw")
+        first, second = (guest_view(owner, "ds@example.org", "pw") for owner in owners)
+        assert first == second
+        fields = {key.rsplit(".", 1)[-1] for key in first}
+        assert {"mb_size", "shape", "description", "syft_action_data_repr_", "syft_action_data_str_",
+                "syft_action_data_type", "_repr_html_", "_repr_markdown_", "_coll_repr_"} <= fields
+        assert first[".datasets[0].asset_list[0].shape"] == "(8, 4, 4)"  # the mock's, as before
+    finally:
+        for owner in owners:
+            owner.shutdown()

@@ -1,4 +1,4 @@
-"""Five defects of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream: we patch it here.
+"""The defects of syft 0.9.5 on our path, fixed in one place. syft is abandoned upstream: we patch it here.
 
 1. Slow calls. ``attach_attribute_to_syft_object`` (syft/types/syft_object.py) walks every
    ``collections.abc.Sequence`` it meets in a result, and ``bytes``/``str`` are Sequences: every byte of a
@@ -26,6 +26,11 @@
    to the *spawn* start method on macOS, and a spawned child imports stock syft, with fixes 1-4 absent.
    The fix replaces ``syft.server.uvicorn.run_uvicorn`` with :func:`run_uvicorn`, which applies the fixes
    in the child before it serves.
+7. The dataset's size computed from the private data. ``DatasiteClient.upload_dataset`` sets
+   ``Dataset.mb_size`` to the size of the private arrays, and every guest can list it: the exact record
+   count (issue 18, leak 2: n = 257 read off ``mb_size``). The fix, in ``DatasetService.add`` on the server,
+   replaces it with the size of the mocks, which any guest can download anyway.
+
 
 :func:`apply` is idempotent; importing :mod:`secure_ai.datasites` applies it.
 """
@@ -73,6 +78,15 @@ def is_execution_allowed(self, code, context, output_policy):
     return allowed
 
 
+def add_dataset(self, context, *args, **kwargs):
+    """syft's ``dataset.add``, with ``mb_size`` the size of the mocks instead of the private data (fix 7)."""
+    from syft.util.util import get_mb_size
+
+    dataset = kwargs["dataset"] if "dataset" in kwargs else args[0]
+    dataset.mb_size = sum(get_mb_size(asset.mock) for asset in dataset.asset_list)
+    return _original_add_dataset(self, context, *args, **kwargs)
+
+
 def has_read_permission_for_action_result(self, context, action) -> bool:
     """syft's rule (READ on every input of the action), checked input by input."""
     from syft.service.action.action_permissions import ActionObjectREAD
@@ -118,12 +132,13 @@ _original_attach = None
 _original_has_read_permission = None
 _original_execute = None
 _original_run_uvicorn = None
+_original_add_dataset = None
 
 
 def apply() -> None:
     """Install the fixes into the imported syft modules (safe to call more than once)."""
     global _applied, _original_is_execution_allowed, _original_attach, _original_has_read_permission
-    global _original_execute, _original_run_uvicorn
+    global _original_execute, _original_run_uvicorn, _original_add_dataset
     if _applied:
         return
     import syft.server.uvicorn as uvicorn_module
@@ -131,6 +146,7 @@ def apply() -> None:
     import syft.types.syft_object as syft_object_module
     from syft.service.action.action_service import ActionService
     from syft.service.code.user_code_service import UserCodeService
+    from syft.service.dataset.dataset_service import DatasetService
 
     _original_attach = syft_object_module.attach_attribute_to_syft_object
     syft_object_module.attach_attribute_to_syft_object = attach_attribute_to_syft_object
@@ -143,4 +159,5 @@ def apply() -> None:
     ActionService.execute = execute
     _original_run_uvicorn = uvicorn_module.run_uvicorn
     uvicorn_module.run_uvicorn = run_uvicorn  # serve_server looks it up at call time
+    _original_add_dataset, DatasetService.add = DatasetService.add, add_dataset
     _applied = True
