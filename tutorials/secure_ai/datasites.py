@@ -47,9 +47,11 @@ with quiet():
 syft_patches.apply()
 silence_logging()
 
-# syft 0.9.5 creates every datasite with this admin account. It is a well-known demo credential: an
-# in-memory datasite keeps it (nobody else can reach it); an HTTP datasite replaces the password at start.
+# syft 0.9.5's default admin account, a well-known demo credential. An in-memory datasite keeps it: only
+# this process can reach it, and this process holds the owner's client anyway. An HTTP datasite is created
+# with a fresh random password instead (syft_patches fix 9): the demo password never works there.
 ADMIN_EMAIL, ADMIN_PASSWORD = "info@openmined.org", "changethis"
+_EVERY_INTERFACE = ("0.0.0.0", "::", "")  # hosts that mean "listen on every network interface"
 
 _running: dict[str, DataOwner] = {}
 _paused: set[int] = set()  # pids of servers this process stopped with SIGSTOP and has not resumed
@@ -79,8 +81,8 @@ class DataOwner:
 
     ``port=None`` runs the datasite inside this Python process (fast, nothing to clean up); with a port it
     is a real HTTP server on ``host`` (127.0.0.1 unless you ask otherwise) in a separate process, reachable
-    at :attr:`url`. An HTTP datasite's admin gets a fresh random password at start
-    (:attr:`admin_password`): syft's demo credential is refused from then on.
+    at :attr:`url`. An HTTP datasite's admin account has a fresh random password (:attr:`admin_password`)
+    from its first moment: syft's demo credential is never accepted there.
     """
 
     def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1"):
@@ -96,7 +98,7 @@ class DataOwner:
         if port is not None and not port_is_free(port):
             raise ValueError(f"port {port} is already in use; pick another or shut that server down")
         self.name, self.port, self.host = name, port, host
-        self.admin_password = ADMIN_PASSWORD
+        self.admin_password = ADMIN_PASSWORD if port is None else secrets.token_urlsafe(24)
         self._reviews: dict[str, CodeReview] = {}
         self._process = None  # the HTTP server's multiprocessing.Process (see server_process)
         with quiet():
@@ -104,13 +106,11 @@ class DataOwner:
                 self._handle = sy.orchestra.launch(name=name, reset=True)
             else:  # the server process starts through syft_patches.run_uvicorn, so it runs with our fixes
                 before = set(multiprocessing.active_children())
-                self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
+                with syft_patches.root_credentials(ADMIN_EMAIL, self.admin_password):
+                    self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
                 started = [p for p in multiprocessing.active_children() if p not in before]
                 self._process = started[0] if len(started) == 1 else None
-            self.client = self._handle.login(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
-            if port is not None:  # never leave a reachable server on the well-known demo password
-                self.admin_password = secrets.token_urlsafe(24)
-                self.client.account.set_password(self.admin_password, confirm=False)
+            self.client = self._handle.login(email=ADMIN_EMAIL, password=self.admin_password)
         _running[name] = self
 
     def __repr__(self) -> str:
@@ -120,8 +120,16 @@ class DataOwner:
 
     @property
     def url(self) -> str | None:
-        """``http://127.0.0.1:<port>`` for an HTTP datasite, ``None`` for an in-memory one."""
-        return None if self.port is None else f"http://{self.host}:{self.port}"
+        """Where a data scientist connects: ``http://<host>:<port>``, ``None`` for an in-memory datasite.
+
+        A datasite on ``host="0.0.0.0"`` listens on every interface, and 0.0.0.0 is no address to connect
+        to: the url then names this machine (``socket.gethostname()``). Another machine reaches it only if
+        its network resolves that name; if not, give the data scientist this machine's IP address.
+        """
+        if self.port is None:
+            return None
+        host = socket.gethostname() if self.host in _EVERY_INTERFACE else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def is_running(self) -> bool:
@@ -189,7 +197,8 @@ class DataOwner:
         with quiet():
             if self.port is None:
                 return self._handle.login(email=email, password=password)
-            return sy.login(url=f"http://{self.host}", port=self.port, email=email, password=password)
+            host = "127.0.0.1" if self.host in _EVERY_INTERFACE else self.host
+            return sy.login(url=f"http://{host}", port=self.port, email=email, password=password)
 
     # --- code requests --------------------------------------------------------------------------------
     def pending_requests(self) -> list:

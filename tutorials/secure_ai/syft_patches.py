@@ -30,13 +30,32 @@
    ``Dataset.mb_size`` to the size of the private arrays, and every guest can list it: the exact record
    count (issue 18, leak 2: n = 257 read off ``mb_size``). The fix, in ``DatasetService.add`` on the server,
    replaces it with the size of the mocks, which any guest can download anyway.
+8. Run limits raced. The run-limit check (fix 2) counts stored outputs, and a run's output is stored only
+   when the run ends: calls made at once all passed the check (issue 18, leak 3: 4 DP trainings on a 1-run
+   approval; 8 runs of 8 calls on 1- and 3-run approvals, in memory, forked and spawned). The fix makes
+   check and count one step under one lock: a call that passes the check takes one of the approved runs
+   at once, gives it back only if its run fails (a failed run stores nothing, as in syft), and turns it
+   into a stored output under the same lock. syft's second execution of approved code, on the mocks,
+   stores nothing and takes no run.
+9. A window on the demo credential. An HTTP datasite's process creates its root account with syft's
+   defaults (``info@openmined.org`` / ``changethis``), read from ``DEFAULT_ROOT_EMAIL`` /
+   ``DEFAULT_ROOT_PASSWORD`` when syft is *imported*; a forked child inherits the parent's values. The
+   owner changed the password after the start, and until then a demo login received the root signing key,
+   which is the server's own key and survives the password change (6 s of logins accepted after the port
+   opened). :func:`root_credentials` names the account to create, and :func:`run_uvicorn` installs it in
+   the child before the server creates its root user: the demo credential is refused from the first moment
+   the port answers.
 
 
 :func:`apply` is idempotent; importing :mod:`secure_ai.datasites` applies it.
 """
 from __future__ import annotations
 
+import os
+import threading
+from collections import Counter
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 _LEAVES = (str, bytes, bytearray, memoryview)
@@ -67,15 +86,59 @@ def attach_attribute_to_syft_object(result: Any, attr_dict: dict[str, Any]) -> N
                 attach_attribute_to_syft_object(getattr(obj, field), attr_dict)
 
 
+_runs_lock = threading.Lock()  # fix 8: the run-limit check and the count happen under it
+_running = Counter()  # user code id -> runs that passed the check and have stored no output yet
+_this_call = threading.local()  # .code_id: the user code whose run this thread's call has started
+
+
 def is_execution_allowed(self, code, context, output_policy):
-    """syft's check, plus: a valid-looking output policy that answers ``is_valid() == False`` refuses."""
+    """syft's check, plus fix 2 (a used-up policy refuses) and fix 8 (check and count in one step)."""
     from syft.service.code.user_code_service import IsExecutionAllowedEnum
+    from syft.types.errors import SyftException
 
     allowed = _original_is_execution_allowed(self, code, context, output_policy)
-    if allowed is IsExecutionAllowedEnum.ALLOWED and output_policy is not None:
+    if allowed is not IsExecutionAllowedEnum.ALLOWED or output_policy is None:
+        return allowed
+    with _runs_lock:
         if not output_policy.is_valid(context):
-            return IsExecutionAllowedEnum.INVALID_OUTPUT_POLICY
+            return IsExecutionAllowedEnum.INVALID_OUTPUT_POLICY  # used up: syft may answer from its cache
+        limit = getattr(output_policy, "limit", None)
+        if limit is not None and hasattr(output_policy, "count"):  # OutputPolicyExecuteCount and Once
+            if output_policy.count(context) + _running[code.id] >= limit:
+                raise SyftException(public_message=f"Execution denied: the approved runs ({limit}) are used "
+                                    "up or running now (secure_ai fix 8)")
+            _running[code.id] += 1
+            _this_call.code_id = code.id
     return allowed
+
+
+def call_user_code(self, context, *args, **kwargs):
+    """syft's ``UserCodeService._call``; a run that started and stored no output gives its place back."""
+    outer, _this_call.code_id = getattr(_this_call, "code_id", None), None
+    try:
+        return _original_call(self, context, *args, **kwargs)
+    finally:
+        with _runs_lock:
+            _end_run()
+        _this_call.code_id = outer
+
+
+def store_execution_output(self, context, *args, **kwargs):
+    """syft's ``UserCode.store_execution_output``: a started run becomes a stored output in one step."""
+    with _runs_lock:
+        result = _original_store(self, context, *args, **kwargs)
+        if getattr(_this_call, "code_id", None) == self.id and result.is_ok():
+            _end_run()
+    return result
+
+
+def _end_run() -> None:
+    """This thread's started run leaves the running ones (call it holding ``_runs_lock``)."""
+    code_id, _this_call.code_id = _this_call.code_id, None
+    if code_id is not None:
+        _running[code_id] -= 1
+        if _running[code_id] <= 0:
+            del _running[code_id]
 
 
 def add_dataset(self, context, *args, **kwargs):
@@ -124,7 +187,45 @@ def execute(self, context, *args, **kwargs):
 def run_uvicorn(*args, **kwargs):
     """syft's ``run_uvicorn`` (the body of an HTTP datasite's process), after applying these fixes there."""
     apply()
+    _install_root_credentials()  # fix 9
     return _original_run_uvicorn(*args, **kwargs)
+
+
+_ROOT_ENV = ("DEFAULT_ROOT_EMAIL", "DEFAULT_ROOT_PASSWORD")  # what syft reads (syft/server/env.py)
+_root_lock = threading.Lock()
+
+
+@contextmanager
+def root_credentials(email: str, password: str):
+    """HTTP datasites started inside this block create their root account as ``email`` / ``password``.
+
+    The environment carries them to the server's process, forked or spawned (fix 9); it is restored after
+    the block, so the servers started later, and in-memory datasites, are not affected.
+    """
+    with _root_lock:
+        saved = {key: os.environ.get(key) for key in _ROOT_ENV}
+        os.environ.update(dict(zip(_ROOT_ENV, (email, password))))
+        try:
+            yield
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+
+
+def _install_root_credentials() -> None:
+    """In a server's process: the root account syft creates is the one the environment names (fix 9).
+
+    ``Server.__init__`` took syft's defaults as keyword defaults when syft was imported (in the parent,
+    for a forked child). The variables leave the environment, where approved code could read them.
+    """
+    from syft.server.server import Server
+
+    email, password = (os.environ.pop(key, None) for key in _ROOT_ENV)
+    if email and password:
+        Server.__init__.__kwdefaults__.update(root_email=email, root_password=password)
 
 
 _original_is_execution_allowed = None
@@ -133,18 +234,21 @@ _original_has_read_permission = None
 _original_execute = None
 _original_run_uvicorn = None
 _original_add_dataset = None
+_original_call = None
+_original_store = None
 
 
 def apply() -> None:
     """Install the fixes into the imported syft modules (safe to call more than once)."""
     global _applied, _original_is_execution_allowed, _original_attach, _original_has_read_permission
-    global _original_execute, _original_run_uvicorn, _original_add_dataset
+    global _original_execute, _original_run_uvicorn, _original_add_dataset, _original_call, _original_store
     if _applied:
         return
     import syft.server.uvicorn as uvicorn_module
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
     from syft.service.action.action_service import ActionService
+    from syft.service.code.user_code import UserCode
     from syft.service.code.user_code_service import UserCodeService
     from syft.service.dataset.dataset_service import DatasetService
 
@@ -160,4 +264,6 @@ def apply() -> None:
     _original_run_uvicorn = uvicorn_module.run_uvicorn
     uvicorn_module.run_uvicorn = run_uvicorn  # serve_server looks it up at call time
     _original_add_dataset, DatasetService.add = DatasetService.add, add_dataset
+    _original_call, UserCodeService._call = UserCodeService._call, call_user_code
+    _original_store, UserCode.store_execution_output = UserCode.store_execution_output, store_execution_output
     _applied = True
