@@ -52,12 +52,15 @@ def test_patches_are_installed_in_syft():
     assert ActionService.has_read_permission_for_action_result is fixed
     assert ActionService.execute is syft_patches.execute
     assert uvicorn_module.run_uvicorn is syft_patches.run_uvicorn
+    from syft.client.client import HTTPConnection
     from syft.service.code.user_code import UserCode
     from syft.service.dataset.dataset_service import DatasetService
 
     assert DatasetService.add is syft_patches.add_dataset
     assert UserCodeService._call is syft_patches.call_user_code
     assert UserCode.store_execution_output is syft_patches.store_execution_output
+    assert HTTPConnection.make_call is syft_patches.make_call
+    assert HTTPConnection.session.fget is syft_patches.session
     syft_patches.apply()  # idempotent
     assert UserCodeService.is_execution_allowed is syft_patches.is_execution_allowed
 
@@ -492,3 +495,111 @@ def test_the_url_of_a_datasite_on_every_interface_names_this_machine(started):
     owner, _, _, _, _ = started
     assert owner.host == "0.0.0.0" and owner.url == f"http://{socket.gethostname()}:{owner.port}"
     assert owner.login(DS_EMAIL, DS_PASSWORD).name == owner.name
+
+
+# --- fix 10: a timeout on every HTTP request ---------------------------------------------------------------
+class SilentServer:
+    """A TCP server that accepts every connection and never answers (a frozen or cut-off machine)."""
+
+    def __init__(self):
+        import socket
+
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.url, self.accepted = f"http://127.0.0.1:{self.listener.getsockname()[1]}", []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        while True:
+            try:
+                self.accepted.append(self.listener.accept()[0])
+            except OSError:  # closed
+                return
+
+    def close(self):
+        for connection in [*self.accepted, self.listener]:
+            connection.close()
+
+
+def failure_within(function, seconds: float) -> tuple[float, BaseException | None]:
+    """``(seconds it took, what it raised)``; fails the test if ``function`` still blocks after ``seconds``
+    (it runs in a daemon thread, so a call without a timeout cannot hang the test run)."""
+    outcome = []
+
+    def target():
+        tic = time.perf_counter()
+        try:
+            function()
+            outcome.append((time.perf_counter() - tic, None))
+        except BaseException as error:  # noqa: BLE001 - handed to the test
+            outcome.append((time.perf_counter() - tic, error))
+
+    worker = threading.Thread(target=target, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert outcome, f"still blocked after {seconds} s: the request has no timeout"
+    return outcome[0]
+
+
+def test_a_call_to_a_server_that_accepts_and_never_answers_times_out(monkeypatch):
+    """Fix 10. Before it, both requests below blocked forever: an API call (every ``client.code.f(...)``
+    is one POST) and a request of syft's session (metadata, the API, login). Each now fails after one
+    read timeout (the session does not retry it)."""
+    from syft.client.client import HTTPConnection
+    from syft.types.uid import UID
+
+    monkeypatch.setattr(syft_patches, "READ_TIMEOUT_S", 1.0)
+    server = SilentServer()
+    try:
+        connection = HTTPConnection(url=server.url)
+        assert syft_patches.http_timeout(connection) == (syft_patches.CONNECT_TIMEOUT_S, 1.0)
+        took, error = failure_within(lambda: connection.make_call(UID()), 30)
+        assert isinstance(error, requests.Timeout) and 1.0 <= took < 5, (took, error)
+        assert len(server.accepted) == 1
+        took, error = failure_within(lambda: connection.session.get(f"{server.url}/api/v2/metadata"), 60)
+        assert isinstance(error, requests.Timeout) and 1.0 <= took < 5, (took, error)
+        assert len(server.accepted) == 2
+    finally:
+        server.close()
+
+
+def test_the_data_scientist_chooses_the_timeout_per_client():
+    from types import SimpleNamespace
+
+    from secure_ai import remote
+    from syft.client.client import HTTPConnection
+
+    client = SimpleNamespace(connection=HTTPConnection(url="http://127.0.0.1:9"))
+    remote.set_http_timeout(client, 42)
+    assert syft_patches.http_timeout(client.connection) == (syft_patches.CONNECT_TIMEOUT_S, 42)
+    remote.set_http_timeout(client, None)
+    assert syft_patches.http_timeout(client.connection)[1] == syft_patches.READ_TIMEOUT_S == 300
+    for wrong in (0, -1, "10"):
+        with pytest.raises(ValueError, match="positive number of seconds"):
+            remote.set_http_timeout(client, wrong)
+    remote.set_http_timeout(SimpleNamespace(connection=object()), 5)  # in memory: nothing waits on a network
+
+
+def total_plus(x, weights):
+    return float(x.sum()) + weights["k"]
+
+
+@pytest.mark.parametrize("started", ["fork", "spawn"], indirect=True)
+def test_a_frozen_owner_fails_the_call_after_the_timeout_the_data_scientist_chose(started):
+    """Fix 10 end to end: the owner's server is frozen (SIGSTOP; the kernel still accepts connections),
+    and the call fails after the data scientist's 2 s with a RemoteTimeout, not never."""
+    from secure_ai import remote
+
+    owner, ds, asset, _, _ = started
+    remote.request(ds, total_plus, rounds=2, assets={"x": asset})
+    owner.code_of("total_plus")
+    owner.approve("total_plus")
+    remote.set_http_timeout(ds, 2)
+    datasites.pause_owner(owner)
+    try:
+        took, error = failure_within(lambda: remote.run(ds, "total_plus", {"k": 1}, {"x": asset}), 60)
+    finally:
+        datasites.resume_owner(owner)
+        remote.set_http_timeout(ds, None)
+    assert isinstance(error, remote.RemoteTimeout) and isinstance(error, TimeoutError), error
+    assert "did not answer in time" in str(error) and 2 <= took < 10, (took, error)
+    assert remote.run(ds, "total_plus", {"k": 2}, {"x": asset}) == 23.0  # resumed, it answers again

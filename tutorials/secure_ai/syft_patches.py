@@ -45,7 +45,14 @@
    opened). :func:`root_credentials` names the account to create, and :func:`run_uvicorn` installs it in
    the child before the server creates its root user: the demo credential is refused from the first moment
    the port answers.
-
+10. HTTP calls without a timeout. ``HTTPConnection`` (syft/client/client.py) posts every API call with a
+    bare ``requests.post`` and its other requests through a session, all without a timeout: a datasite
+    that accepts the connection and never answers (a frozen or cut-off machine) blocks the call forever.
+    The fix gives every request ``(CONNECT_TIMEOUT_S, read timeout)``: ``READ_TIMEOUT_S`` by default
+    (300 s, longer than any approved call of the series; the environment variable
+    ``SECURE_AI_HTTP_TIMEOUT`` overrides it), or what :func:`set_http_timeout` chose for that client.
+    Retries stay as syft has them (none for API calls; three with back-off for its session's requests after
+    a refused connection), except that a timeout is never retried: it would multiply the wait.
 
 :func:`apply` is idempotent; importing :mod:`secure_ai.datasites` applies it.
 """
@@ -57,6 +64,8 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
+
+import requests
 
 _LEAVES = (str, bytes, bytearray, memoryview)
 _applied = False
@@ -228,6 +237,67 @@ def _install_root_credentials() -> None:
         Server.__init__.__kwdefaults__.update(root_email=email, root_password=password)
 
 
+CONNECT_TIMEOUT_S = 10.0  # fix 10: seconds to open a connection, and to wait for an answer
+READ_TIMEOUT_S = float(os.environ.get("SECURE_AI_HTTP_TIMEOUT", "300"))
+
+
+def set_http_timeout(client, read_s: float | None) -> None:
+    """Wait at most ``read_s`` seconds for each answer of ``client``'s datasite (``None``: the default,
+    :data:`READ_TIMEOUT_S`). A datasite that does not answer in time fails the call. No effect on an
+    in-memory datasite, whose calls never wait on a network."""
+    if read_s is not None and not (isinstance(read_s, int | float) and read_s > 0):
+        raise ValueError(f"the HTTP timeout must be a positive number of seconds or None, got {read_s!r}")
+    connection = getattr(client, "connection", None)
+    if hasattr(connection, "session_cache"):  # an HTTPConnection
+        connection.session.secure_ai_read_timeout = read_s
+
+
+def http_timeout(connection) -> tuple[float, float]:
+    """``(connect, read)`` seconds for a request of ``connection`` (an ``HTTPConnection``)."""
+    read = getattr(connection.session, "secure_ai_read_timeout", None)
+    return CONNECT_TIMEOUT_S, READ_TIMEOUT_S if read is None else read
+
+
+class TimeoutAdapter(requests.adapters.HTTPAdapter):
+    """The adapter of syft's HTTP session: syft's retries, and a timeout on every request (fix 10)."""
+
+    def __init__(self, connection, **kwargs):
+        super().__init__(**kwargs)
+        self.connection = connection
+
+    def send(self, request, timeout=None, **kwargs):
+        return super().send(request, timeout=timeout or http_timeout(self.connection), **kwargs)
+
+
+def session(self) -> requests.Session:
+    """syft's ``HTTPConnection.session`` (its GET, PUT and login requests), with :class:`TimeoutAdapter`."""
+    from urllib3.util.retry import Retry
+
+    if self.session_cache is None:
+        new = requests.Session()
+        # syft's retries (a refused connection: 3 more tries, 0 + 1 + 2 s apart), but none after a read
+        # timeout: the server has the request, and a frozen one would cost 4 timeouts and 3 s
+        adapter = TimeoutAdapter(self, max_retries=Retry(total=3, read=False, backoff_factor=0.5))
+        new.mount("http://", adapter)
+        new.mount("https://", adapter)
+        self.session_cache = new
+    return self.session_cache
+
+
+def make_call(self, signed_call):
+    """syft's ``HTTPConnection.make_call`` (every API call): one POST, now with a timeout (fix 10)."""
+    from syft.serde.deserialize import _deserialize
+    from syft.serde.serialize import _serialize
+
+    if self.rtunnel_token:  # calls through a reverse tunnel (never made here): syft's own code
+        return _original_make_call(self, signed_call)
+    response = requests.post(str(self.api_url), data=_serialize(signed_call, to_bytes=True),
+                             headers=self.headers, timeout=http_timeout(self))
+    if response.status_code != 200:
+        raise requests.ConnectionError(f"{self.api_url} answered with HTTP code {response.status_code}")
+    return _deserialize(response.content, from_bytes=True)
+
+
 _original_is_execution_allowed = None
 _original_attach = None
 _original_has_read_permission = None
@@ -236,17 +306,20 @@ _original_run_uvicorn = None
 _original_add_dataset = None
 _original_call = None
 _original_store = None
+_original_make_call = None
 
 
 def apply() -> None:
     """Install the fixes into the imported syft modules (safe to call more than once)."""
     global _applied, _original_is_execution_allowed, _original_attach, _original_has_read_permission
     global _original_execute, _original_run_uvicorn, _original_add_dataset, _original_call, _original_store
+    global _original_make_call
     if _applied:
         return
     import syft.server.uvicorn as uvicorn_module
     import syft.service.service as service_module
     import syft.types.syft_object as syft_object_module
+    from syft.client.client import HTTPConnection
     from syft.service.action.action_service import ActionService
     from syft.service.code.user_code import UserCode
     from syft.service.code.user_code_service import UserCodeService
@@ -266,4 +339,6 @@ def apply() -> None:
     _original_add_dataset, DatasetService.add = DatasetService.add, add_dataset
     _original_call, UserCodeService._call = UserCodeService._call, call_user_code
     _original_store, UserCode.store_execution_output = UserCode.store_execution_output, store_execution_output
+    _original_make_call, HTTPConnection.make_call = HTTPConnection.make_call, make_call
+    HTTPConnection.session = property(session)
     _applied = True
