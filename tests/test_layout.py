@@ -16,7 +16,7 @@ LAYERS = {  # as the package docstring lists them
     0: ["quiet", "runtime", "memory"],
     1: ["data", "training", "plots", "privacy", "dp_sgd", "features", "attacks", "membership", "costs",
         "imprint", "secret_sharing", "encryption"],
-    2: ["syft_patches", "datasites", "remote"],
+    2: ["syft_servers", "syft_patches", "review", "datasites", "remote"],
     3: ["pointers", "federated", "dp_fedavg", "secagg", "aggregator", "scale"],
 }
 LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -123,7 +123,7 @@ def test_syft_is_imported_only_through_the_gateway():
         top_gateway = any(GATEWAY & set(imported_modules(item, module)) for item in top)
         for scope in [module_tree, *(f for f in ast.walk(module_tree) if isinstance(f, ast.FunctionDef))]:
             in_function = scope is not module_tree
-            gateway = module in ("datasites", "syft_patches") or (in_function and top_gateway)
+            gateway = module in ("datasites", "syft_patches", "syft_servers") or (in_function and top_gateway)
             imports = sorted((i for i in ast.walk(scope) if isinstance(i, ast.Import | ast.ImportFrom)),
                              key=lambda i: i.lineno) if in_function else top
             for item in imports:

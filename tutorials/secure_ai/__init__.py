@@ -27,7 +27,9 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 
 L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):
 
-* :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place
+* :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place (the list of every fix)
+* :mod:`secure_ai.syft_servers` - its fixes for HTTP datasites as processes and the wire to them
+* :mod:`secure_ai.review` - what an owner is shown of a code request, and what an approval binds to
 * :mod:`secure_ai.datasites` - the data owner's side: datasites, reviews and approvals, server processes
 * :mod:`secure_ai.remote` - the data scientist's side: one way to request a function and to run it
 
