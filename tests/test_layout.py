@@ -10,6 +10,8 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools.book import series
+
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 PACKAGE = TUTORIALS / "secure_ai"
 LAYERS = {  # as the package docstring lists them
@@ -148,7 +150,7 @@ def test_owner_side_modules_import_no_syft():
 def owner_side_functions():
     """Functions that import the package in their body: code sent to a datasite (it imports what it uses)."""
     sources = {f"{m}.py": (PACKAGE / f"{m}.py").read_text() for m in LAYER}
-    for path in sorted(TUTORIALS.glob("Part-*.ipynb")):
+    for path in series(TUTORIALS):   # the chapters and the appendices
         cells = nbformat.read(path, as_version=4).cells
         sources[path.name] = "\n".join(c.source for c in cells if c.cell_type == "code"
                                        and not c.source.lstrip().startswith(("%", "!")))
