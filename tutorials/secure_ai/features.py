@@ -124,8 +124,11 @@ def _round_compact(features: torch.Tensor) -> torch.Tensor:
 
 def _in_chunks(images, chunk: int, threads: int | None, progress: bool, out: torch.Tensor, transform):
     """``out[i] = transform(pixels of images[i])``, ``chunk`` images at a time, with ``threads`` torch threads
-    (restored afterwards)."""
+    (restored afterwards). The scattering's scratch memory (about 150 MB for 60,000 digits) is then given
+    back to the operating system, not kept by the allocator for the rest of a notebook."""
     from tqdm.auto import tqdm
+
+    from .runtime import release_memory
 
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
@@ -138,6 +141,7 @@ def _in_chunks(images, chunk: int, threads: int | None, progress: bool, out: tor
             out[start:start + chunk] = transform(_pixels(images[start:start + chunk]))
     finally:
         torch.set_num_threads(previous)
+        release_memory()
     return out
 
 
