@@ -21,3 +21,13 @@ def test_best_time_is_the_fastest_run_and_returns_the_result():
     assert 0.01 <= best < 0.03 and result == "done"
     with pytest.raises(ValueError, match="repeat"):
         cost_model.best_time(lambda: None, repeat=0)
+
+
+def test_local_update_trains_one_epoch_plain_or_private(mnist):
+    (x, y), _ = mnist
+    plain = cost_model.local_update(x[:64], y[:64], private=False, hidden=16)
+    again = cost_model.local_update(x[:64], y[:64], private=False, hidden=16)
+    private = cost_model.local_update(x[:64], y[:64], private=True, hidden=16, dp_batch=32)
+    assert plain.shape == private.shape == (784 * 16 + 16 + 16 * 10 + 10,)
+    assert torch.equal(plain, again)                                    # plain SGD: seeded
+    assert not torch.equal(plain, private)                              # clipped, noisy steps
