@@ -2,11 +2,12 @@
 
 :func:`secure_round` runs one round of double masking (mask, confirm, unmask) by calling each owner's
 approved functions of :mod:`secure_ai.secagg`, and :func:`unmask` removes the masks from what came back.
-:func:`masked_average` and :func:`ckks_average` run one round of each protocol in one process, the owners'
-functions called directly, to measure what the aggregator receives (Part 5, ``benchmarks/``). There each
-owner is handed an update already made, the same message for all: the model binding of
-:mod:`secure_ai.secagg` cannot see which model an update came from, so these rounds show what the
-aggregator would receive *without* it, when it sends different models.
+:func:`masked_round` and :func:`ckks_round` run one round of each protocol (Part 4's masks, Part 5's CKKS key
+holder) in one process, the owners' functions called directly, each owner sent its own message: the model
+binding of :mod:`secure_ai.secagg` refuses a round in which the owners were sent different models (Part 6).
+:func:`masked_average` and :func:`ckks_average` hand every owner an update already made, under one message:
+what the aggregator receives from updates of its choice, as it would *without* that binding (Part 6,
+``benchmarks/``).
 """
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from . import secret_sharing as ss
+from .runtime import release_memory
 from .secagg import make_config, owner_confirm, owner_encrypt, owner_mask, owner_unmask, unwrap
 
 
@@ -64,48 +66,88 @@ def _logged(log, name, function, answer):
 
 
 # --- one round in process, for measurements: what the aggregator receives -------------------------------
-def masked_average(vectors: Sequence, counts: Sequence[int],
-                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
+Train = Callable[[str, dict], tuple[np.ndarray, int]]
+
+
+def masked_round(messages: Mapping[str, Mapping], train: Train,
+                 run_id: str = "in-process") -> tuple[np.ndarray, int]:
     """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in process.
 
-    Each owner encodes ``[n_i w_i, n_i]`` in the ring, masks it (:func:`secure_ai.secagg.owner_mask`),
-    confirms the survivors and reveals its masks; the aggregator decodes the sum. Fresh keys every call.
+    Owner ``name`` is sent ``messages[name]`` and trains from it, ``train(name, message) -> (weights, n)``;
+    it masks ``[n w, n]`` (:func:`secure_ai.secagg.owner_mask`, which records the message's digest), confirms
+    the survivors and the digest, and reveals its masks only if every other owner confirmed the same digest.
+    Raises :class:`secure_ai.secagg.Refused` when an owner refuses. Fresh keys and ledgers every call.
     """
-    names = [f"owner{i}" for i in range(len(vectors))]
+    names = list(messages)
     keys = {name: ss.generate_keypair() for name in names}
     roster = {name: public for name, (_, public) in keys.items()}
-    encoded = {name: ss.encode_weighted(np.asarray(v, dtype=np.float64), int(n))
-               for name, v, n in zip(names, vectors, counts)}
     with tempfile.TemporaryDirectory() as folder:  # each owner's ledger: mask, confirm, unmask once each
         configs = {name: make_config(run_id, name, roster, Path(folder) / name).to_asset() for name in names}
+        masked = {}
+        for name in names:
+            trains = lambda message, name=name: ss.encode_weighted(*_trained(train, name, message))
+            request = dict(messages[name]) | {"round": 0}
+            masked[name] = unwrap(name, owner_mask(trains, keys[name][0], configs[name], request))["masked"]
 
         def call(name, function, request):
-            secret = keys[name][0]
-            if function == "train_and_mask":
-                return owner_mask(lambda message: encoded[name], secret, configs[name], request)
             if function == "confirm_survivors":
-                return owner_confirm(secret, configs[name], request)
-            return owner_unmask(secret, configs[name], request)
+                return owner_confirm(keys[name][0], configs[name], request)
+            return owner_unmask(keys[name][0], configs[name], request)
 
-        return ss.decode_weighted_average(secure_round(call, names, 0, {}))
+        total = secure_round(call, names, 0, {}, masked=masked)
+    release_memory()
+    return ss.decode_weighted_average(total)
+
+
+def ckks_round(messages: Mapping[str, Mapping], train: Train,
+               run_id: str = "in-process") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's CKKS key holder returns it, from one round run in
+    process: owner ``name`` trains from ``messages[name]`` and encrypts
+    (:func:`secure_ai.secagg.owner_encrypt`, whose MAC binds the message's digest); the key holder (sized for
+    this one round) decrypts the sum only if every owner trained the same message, and floods it with
+    Gaussian noise of std ``KeyHolder.flood_sigma`` in the sum's units. Raises ``ValueError`` when it
+    refuses."""
+    from . import encryption as he
+
+    names = list(messages)
+    updates = {name: _trained(train, name, dict(messages[name])) for name in names}  # to size the key holder
+    holder = he.KeyHolder(run_id, names, length=len(next(iter(updates.values()))[0]), max_rounds=1)
+    roster = {name: ss.generate_keypair()[1] for name in names}  # a config needs one; CKKS uses no mask
+    submissions = {}
+    for name in names:
+        config = make_config(run_id, name, roster, None, ckks_public_context=holder.public_context_bytes,
+                             ckks_mac_key=holder.mac_key(name)).to_asset()
+        request = dict(messages[name]) | {"round": 0, "context": holder.public_context_bytes}
+        answer = owner_encrypt(lambda message, name=name: updates[name], config, request)
+        submissions[name] = unwrap(name, answer)
+    try:
+        return holder.decrypt_average(0, submissions)
+    finally:
+        del submissions
+        release_memory()  # the ciphertexts: hundreds of MB for the series' MLP
+
+
+def _trained(train: Train, name: str, message: dict) -> tuple[np.ndarray, int]:
+    vector, n = train(name, message)
+    return np.asarray(vector, dtype=np.float64), int(n)
+
+
+def _given(vectors: Sequence, counts: Sequence[int]) -> tuple[dict, Train]:
+    """Every owner the same (empty) message, and the update already made for it."""
+    names = [f"owner{i}" for i in range(len(vectors))]
+    made = dict(zip(names, zip(vectors, counts)))
+    return {name: {} for name in names}, lambda name, message: made[name]
+
+
+def masked_average(vectors: Sequence, counts: Sequence[int],
+                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in process, in
+    which owner ``i`` hands in ``vectors[i]`` for ``counts[i]`` digits (:func:`masked_round`, one message)."""
+    return masked_round(*_given(vectors, counts), run_id=run_id)
 
 
 def ckks_average(vectors: Sequence, counts: Sequence[int],
                  run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 4's CKKS key holder returns it: decrypted, then flooded
-    with Gaussian noise of std ``KeyHolder.flood_sigma`` in the sum's units (a key holder sized for one
-    round of these vectors)."""
-    from . import encryption as he
-
-    names = [f"owner{i}" for i in range(len(vectors))]
-    holder = he.KeyHolder(run_id, names, length=len(vectors[0]), max_rounds=1)
-    roster = {name: ss.generate_keypair()[1] for name in names}  # a config needs one; CKKS uses no mask
-    request = {"round": 0, "context": holder.public_context_bytes}
-    submissions = {}
-    for name, vector, n in zip(names, vectors, counts):
-        config = make_config(run_id, name, roster, None, ckks_public_context=holder.public_context_bytes,
-                             ckks_mac_key=holder.mac_key(name)).to_asset()
-        update = (np.asarray(vector, dtype=np.float64), int(n))
-        answer = owner_encrypt(lambda message, update=update: update, config, request)
-        submissions[name] = unwrap(name, answer)
-    return holder.decrypt_average(0, submissions)
+    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's key holder returns it, decrypted and flooded, in which
+    owner ``i`` hands in ``vectors[i]`` for ``counts[i]`` digits (:func:`ckks_round` under one message)."""
+    return ckks_round(*_given(vectors, counts), run_id=run_id)
