@@ -9,7 +9,7 @@ processes it starts (syft's HTTP datasites in Parts 1 and 6), each shared page c
 part of it is torch's CUDA libraries, which a CPU-only torch (Binder, conda, macOS) does not load
 (INSTALLATION.md, "CPU-only torch").
 
-    .venv/bin/python benchmarks/notebook_cost.py                 # every chapter, a Markdown table
+    .venv/bin/python benchmarks/notebook_cost.py                 # every chapter and appendix, a table
     .venv/bin/python benchmarks/notebook_cost.py --cells 5 tutorials/Part-02-*.ipynb
 
 ``--cells N`` also lists the N code cells during which memory peaked highest, to find what to cut.
@@ -30,7 +30,7 @@ import nbformat
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tools.book import title_of  # noqa: E402
+from tools.book import series, title_of  # noqa: E402
 from tools.execute import execute  # noqa: E402
 
 GB = 1e9  # decimal gigabytes, as the budgets are stated
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("notebooks", nargs="*", type=Path)
     parser.add_argument("--cells", type=int, default=0, help="list the N cells with the highest peaks")
     args = parser.parse_args(argv)
-    notebooks = args.notebooks or sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+    notebooks = args.notebooks or series()   # the chapters, then the appendices
     rows = []
     with tempfile.TemporaryDirectory(prefix="notebook-cost-") as out:
         for path in notebooks:

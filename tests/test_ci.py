@@ -16,12 +16,14 @@ from pathlib import Path
 
 import pytest
 
+from tools.book import series
+
 ROOT = Path(__file__).resolve().parents[1]
 CI_RUN = ROOT / ".ci" / "run"
 MAKEFILE = (ROOT / "Makefile").read_text()
 README = (ROOT / "README.md").read_text()
 DOCS = ("README.md", "INSTALLATION.md", "CONTRIBUTING.md")
-NOTEBOOKS = sorted((ROOT / "tutorials").glob("Part-*.ipynb"))
+NOTEBOOKS = series()  # the chapters, then the appendices (as make run, make test and the book)
 BINDER = "https://mybinder.org/v2/gh/secure-ai/secure-ai/main?urlpath=lab/tree/tutorials"
 
 

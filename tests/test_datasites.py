@@ -1,5 +1,6 @@
 """secure_ai.datasites: real syft 0.9.5 datasites, their reviews and approvals, and their server processes."""
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -336,8 +337,9 @@ OWNERS_IN_A_CHILD = textwrap.dedent("""
 
 
 def run_owners_in_a_child(how):
+    env = {k: v for k, v in os.environ.items() if k != "SYFT_TEMP_ROOT"}  # the child names its own folder
     done = subprocess.run([sys.executable, "-c", OWNERS_IN_A_CHILD, how], cwd=TUTORIALS, capture_output=True,
-                          text=True, timeout=300)
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 

@@ -10,13 +10,15 @@ from pathlib import Path
 import nbformat
 import pytest
 
+from tools.book import series
+
 TUTORIALS = Path(__file__).resolve().parents[1] / "tutorials"
 PACKAGE = TUTORIALS / "secure_ai"
 LAYERS = {  # as the package docstring lists them
     0: ["quiet", "runtime", "memory"],
     1: ["data", "training", "plots", "privacy", "dp_sgd", "features", "attacks", "membership", "costs",
         "imprint", "secret_sharing", "encryption"],
-    2: ["syft_patches", "datasites", "remote"],
+    2: ["syft_servers", "syft_patches", "review", "datasites", "remote"],
     3: ["pointers", "federated", "dp_fedavg", "secagg", "aggregator", "scale"],
 }
 LAYER = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -123,7 +125,7 @@ def test_syft_is_imported_only_through_the_gateway():
         top_gateway = any(GATEWAY & set(imported_modules(item, module)) for item in top)
         for scope in [module_tree, *(f for f in ast.walk(module_tree) if isinstance(f, ast.FunctionDef))]:
             in_function = scope is not module_tree
-            gateway = module in ("datasites", "syft_patches") or (in_function and top_gateway)
+            gateway = module in ("datasites", "syft_patches", "syft_servers") or (in_function and top_gateway)
             imports = sorted((i for i in ast.walk(scope) if isinstance(i, ast.Import | ast.ImportFrom)),
                              key=lambda i: i.lineno) if in_function else top
             for item in imports:
@@ -148,7 +150,7 @@ def test_owner_side_modules_import_no_syft():
 def owner_side_functions():
     """Functions that import the package in their body: code sent to a datasite (it imports what it uses)."""
     sources = {f"{m}.py": (PACKAGE / f"{m}.py").read_text() for m in LAYER}
-    for path in sorted(TUTORIALS.glob("Part-*.ipynb")):
+    for path in series(TUTORIALS):   # the chapters and the appendices
         cells = nbformat.read(path, as_version=4).cells
         sources[path.name] = "\n".join(c.source for c in cells if c.cell_type == "code"
                                        and not c.source.lstrip().startswith(("%", "!")))

@@ -20,14 +20,16 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 * :mod:`secure_ai.features` - handcrafted ScatterNet features, normalized per image, for DP-SGD (Part 3)
 * :mod:`secure_ai.attacks` - what one update leaks: labels, gradient inversion, identification (Part 6)
 * :mod:`secure_ai.membership` - what a trained model leaks: membership inference, its targets, ROC (Part 6)
-* :mod:`secure_ai.costs` - time and bytes each protection costs an owner per round (Part 6)
+* :mod:`secure_ai.costs` - time, bytes and error each protection costs per round (Parts 5, 6)
 * :mod:`secure_ai.secret_sharing` - fixed point, additive sharing, key agreement, pairwise masks (Part 4)
-* :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 4)
+* :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 5)
 * :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 6)
 
 L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):
 
-* :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place
+* :mod:`secure_ai.syft_patches` - the syft 0.9.5 defects we fix, in one place (the list of every fix)
+* :mod:`secure_ai.syft_servers` - its fixes for HTTP datasites as processes and the wire to them
+* :mod:`secure_ai.review` - what an owner is shown of a code request, and what an approval binds to
 * :mod:`secure_ai.datasites` - the data owner's side: datasites, reviews and approvals, server processes
 * :mod:`secure_ai.remote` - the data scientist's side: one way to request a function and to run it
 

@@ -2,15 +2,20 @@
 
 :func:`secure_round` runs one round of double masking (mask, confirm, unmask) by calling each owner's
 approved functions of :mod:`secure_ai.secagg`, and :func:`unmask` removes the masks from what came back.
-:func:`masked_round` and :func:`ckks_round` run one round of each protocol (Part 4's masks, Part 5's CKKS key
-holder) in one process, the owners' functions called directly, each owner sent its own message: the model
-binding of :mod:`secure_ai.secagg` refuses a round in which the owners were sent different models (Part 6).
-:func:`masked_average` and :func:`ckks_average` hand every owner an update already made, under one message:
-what the aggregator receives from updates of its choice, as it would *without* that binding (Part 6,
-``benchmarks/``).
+:func:`masked_average` and :func:`ckks_average` run one round of each protocol in one process, the owners'
+functions called directly, to measure what the aggregator receives (Part 6, ``benchmarks/``). There each
+owner is handed an update already made, the same message for all: the model binding of
+:mod:`secure_ai.secagg` cannot see which model an update came from, so these rounds show what the
+aggregator would receive *without* it, when it sends different models.
+
+:class:`InProcessOwners` holds such owners for playing attacks against them (Appendix A): their keys, the
+config each one fixes at setup, and the same config with one check left out (a roster the aggregator chose,
+no ledger), to measure what that check prevents. :func:`flooded_decryptions` is what a CKKS key holder
+without its once-per-round check would hand out.
 """
 from __future__ import annotations
 
+import secrets
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -65,89 +70,137 @@ def _logged(log, name, function, answer):
     return answer
 
 
-# --- one round in process, for measurements: what the aggregator receives -------------------------------
-Train = Callable[[str, dict], tuple[np.ndarray, int]]
+# --- owners in this process, for measuring what the aggregator receives ----------------------------
+class InProcessOwners:
+    """Part 4's owners in this process, to play the aggregator against: their keys, configs and steps.
 
-
-def masked_round(messages: Mapping[str, Mapping], train: Train,
-                 run_id: str = "in-process") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in process.
-
-    Owner ``name`` is sent ``messages[name]`` and trains from it, ``train(name, message) -> (weights, n)``;
-    it masks ``[n w, n]`` (:func:`secure_ai.secagg.owner_mask`, which records the message's digest), confirms
-    the survivors and the digest, and reveals its masks only if every other owner confirmed the same digest.
-    Raises :class:`secure_ai.secagg.Refused` when an owner refuses. Fresh keys and ledgers every call.
+    Each owner makes a key pair (``roster`` holds the public keys). :meth:`config` is the config an owner
+    fixes at setup: the shared roster, a ledger file of its own (in a temporary folder, which :meth:`close`
+    deletes) and, with a CKKS ``key_holder``, the digest of its public context and the owner's MAC key. To
+    measure what a check prevents, a config can leave it out: ``roster=`` keys the aggregator chose in place
+    of the owners' own, ``ledger=False`` no ledger, ``ledger="name"`` a fresh ledger apart. :meth:`call`
+    runs the owners' three masking steps as :func:`secure_round` calls them; :meth:`encrypt` the CKKS step.
     """
-    names = list(messages)
-    keys = {name: ss.generate_keypair() for name in names}
-    roster = {name: public for name, (_, public) in keys.items()}
-    with tempfile.TemporaryDirectory() as folder:  # each owner's ledger: mask, confirm, unmask once each
-        configs = {name: make_config(run_id, name, roster, Path(folder) / name).to_asset() for name in names}
-        masked = {}
-        for name in names:
-            trains = lambda message, name=name: ss.encode_weighted(*_trained(train, name, message))
-            request = dict(messages[name]) | {"round": 0}
-            masked[name] = unwrap(name, owner_mask(trains, keys[name][0], configs[name], request))["masked"]
 
-        def call(name, function, request):
+    def __init__(self, names: Sequence[str], run_id: str = "in-process", key_holder=None):
+        if len(set(names)) != len(names) or len(names) < 2:
+            raise ValueError(f"need at least 2 distinct owner names, got {list(names)}")
+        self.names, self.run_id, self.key_holder = list(names), run_id, key_holder
+        self.keys = {name: ss.generate_keypair() for name in self.names}
+        self.roster = {name: public for name, (_, public) in self.keys.items()}
+        self._folder = tempfile.TemporaryDirectory(prefix="secagg-owners-")
+
+    def secret_key(self, name: str):
+        """Owner side: ``name``'s secret key."""
+        return self.keys[name][0]
+
+    def config(self, name: str, roster: Mapping[str, bytes] | None = None, ledger: bool | str = True
+               ) -> np.ndarray:
+        """``name``'s config asset: as the owner fixes it at setup, or with ``roster`` in place of the owners'
+        (keys the aggregator chose). ``ledger``: ``True`` the owner's own ledger, ``False`` none (every round
+        is new to it, and it cannot confirm or unmask), or a name: a ledger apart, made fresh on first use
+        (for a what-if owner, or an aggregator's sybil)."""
+        if ledger is True:
+            path = Path(self._folder.name) / f"{name}.json"
+        elif isinstance(ledger, str) and ledger.isidentifier():
+            path = Path(self._folder.name) / f"{name}-{ledger}.json"
+        elif ledger is False:
+            path = None
+        else:
+            raise ValueError(f"ledger must be True, False or a name (letters, digits, _), got {ledger!r}")
+        holder = self.key_holder
+        return make_config(self.run_id, name, self.roster if roster is None else roster, path,
+                           ckks_public_context=None if holder is None else holder.public_context_bytes,
+                           ckks_mac_key=None if holder is None else holder.mac_key(name)).to_asset()
+
+    def call(self, updates: Mapping, configs: Mapping | None = None,
+             keys: Mapping | None = None) -> Callable[[str, str, dict], dict]:
+        """``call(owner, function, request)`` for :func:`secure_round`: each owner's approved steps.
+
+        ``updates[owner]`` is its ``train(message)`` (an encoded update from the request) or an update made
+        beforehand; ``configs`` and ``keys`` replace the config (default :meth:`config`) and the secret key
+        of the owners they name, for instance by those of the aggregator's sybils.
+        """
+        configs = {name: self.config(name) for name in updates if name in self.keys} | dict(configs or {})
+        keys = {name: self.secret_key(name) for name in updates if name in self.keys} | dict(keys or {})
+
+        def call(name: str, function: str, request: Mapping) -> dict:
+            if function == "train_and_mask":
+                return owner_mask(_as_train(updates[name]), keys[name], configs[name], request)
             if function == "confirm_survivors":
-                return owner_confirm(keys[name][0], configs[name], request)
-            return owner_unmask(keys[name][0], configs[name], request)
+                return owner_confirm(keys[name], configs[name], request)
+            if function == "reveal_masks":
+                return owner_unmask(keys[name], configs[name], request)
+            raise ValueError(f"no owner step {function!r}: train_and_mask, confirm_survivors, reveal_masks")
 
-        total = secure_round(call, names, 0, {}, masked=masked)
-    release_memory()
-    return ss.decode_weighted_average(total)
+        return call
+
+    def encrypt(self, name: str, update, request: Mapping, config: np.ndarray | None = None) -> dict:
+        """``name``'s CKKS step (:func:`secure_ai.secagg.owner_encrypt`) for ``update``: its
+        ``train(message) -> (weights, n)``, or ``(weights, n)`` made beforehand."""
+        return owner_encrypt(_as_train(update), self.config(name) if config is None else config, request)
+
+    def close(self) -> None:
+        """Delete the owners' ledgers."""
+        self._folder.cleanup()
+
+    def __enter__(self) -> InProcessOwners:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
-def ckks_round(messages: Mapping[str, Mapping], train: Train,
-               run_id: str = "in-process") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's CKKS key holder returns it, from one round run in
-    process: owner ``name`` trains from ``messages[name]`` and encrypts
-    (:func:`secure_ai.secagg.owner_encrypt`, whose MAC binds the message's digest); the key holder (sized for
-    this one round) decrypts the sum only if every owner trained the same message, and floods it with
-    Gaussian noise of std ``KeyHolder.flood_sigma`` in the sum's units. Raises ``ValueError`` when it
-    refuses."""
+def _as_train(update) -> Callable:
+    return update if callable(update) else (lambda message: update)
+
+
+def flooded_decryptions(key_holder, submissions: Mapping[str, Mapping], times: int) -> np.ndarray:
+    """What a CKKS key holder *without* its once-per-round check would hand out if asked ``times`` times for
+    the sum of ``submissions`` (``{owner: {"encrypted", ...}}``): each decryption of ``sum n_i w_i`` (and
+    the count) flooded afresh with N(0, ``key_holder.flood_sigma``), one row per decryption. For measuring
+    only: the real key holder decrypts each round once."""
     from . import encryption as he
 
-    names = list(messages)
-    updates = {name: _trained(train, name, dict(messages[name])) for name in names}  # to size the key holder
-    holder = he.KeyHolder(run_id, names, length=len(next(iter(updates.values()))[0]), max_rounds=1)
-    roster = {name: ss.generate_keypair()[1] for name in names}  # a config needs one; CKKS uses no mask
-    submissions = {}
-    for name in names:
-        config = make_config(run_id, name, roster, None, ckks_public_context=holder.public_context_bytes,
-                             ckks_mac_key=holder.mac_key(name)).to_asset()
-        request = dict(messages[name]) | {"round": 0, "context": holder.public_context_bytes}
-        answer = owner_encrypt(lambda message, name=name: updates[name], config, request)
-        submissions[name] = unwrap(name, answer)
+    if isinstance(times, bool) or not isinstance(times, (int, np.integer)) or times < 1:
+        raise ValueError(f"times must be a positive integer, got {times!r}")
+    total = he.aggregate([he.EncryptedVector.from_bytes(key_holder.context, bytes(item["encrypted"]))
+                          for item in submissions.values()]).decrypt(key_holder.context)
+    rng = np.random.default_rng(secrets.randbits(128))   # as the key holder's: seeded by the OS
+    return total + rng.normal(0, key_holder.flood_sigma, (times, total.size))
+
+
+# --- one round in process, for measurements: what the aggregator receives -------------------------------
+def masked_average(vectors: Sequence, counts: Sequence[int],
+                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in process.
+
+    Each owner encodes ``[n_i w_i, n_i]`` in the ring, masks it (:func:`secure_ai.secagg.owner_mask`),
+    confirms the survivors and reveals its masks; the aggregator decodes the sum. Fresh keys every call.
+    """
+    names = [f"owner{i}" for i in range(len(vectors))]
+    encoded = {name: ss.encode_weighted(np.asarray(v, dtype=np.float64), int(n))
+               for name, v, n in zip(names, vectors, counts)}
+    with InProcessOwners(names, run_id) as owners:  # each owner's ledger: mask, confirm, unmask once each
+        return ss.decode_weighted_average(secure_round(owners.call(encoded), names, 0, {}))
+
+
+def ckks_average(vectors: Sequence, counts: Sequence[int],
+                 run_id: str = "imprint") -> tuple[np.ndarray, int]:
+    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's CKKS key holder returns it: decrypted, then flooded
+    with Gaussian noise of std ``KeyHolder.flood_sigma`` in the sum's units (a key holder sized for one
+    round of these vectors)."""
+    from . import encryption as he
+
+    names = [f"owner{i}" for i in range(len(vectors))]
+    holder = he.KeyHolder(run_id, names, length=len(vectors[0]), max_rounds=1)
+    request = {"round": 0, "context": holder.public_context_bytes}
+    with InProcessOwners(names, run_id, key_holder=holder) as owners:
+        submissions = {name: unwrap(name, owners.encrypt(name, (np.asarray(v, dtype=np.float64), int(n)),
+                                                         request))
+                       for name, v, n in zip(names, vectors, counts)}
     try:
         return holder.decrypt_average(0, submissions)
     finally:
         del submissions
         release_memory()  # the ciphertexts: hundreds of MB for the series' MLP
-
-
-def _trained(train: Train, name: str, message: dict) -> tuple[np.ndarray, int]:
-    vector, n = train(name, message)
-    return np.asarray(vector, dtype=np.float64), int(n)
-
-
-def _given(vectors: Sequence, counts: Sequence[int]) -> tuple[dict, Train]:
-    """Every owner the same (empty) message, and the update already made for it."""
-    names = [f"owner{i}" for i in range(len(vectors))]
-    made = dict(zip(names, zip(vectors, counts)))
-    return {name: {} for name in names}, lambda name, message: made[name]
-
-
-def masked_average(vectors: Sequence, counts: Sequence[int],
-                   run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` from one round of Part 4's double masking, run in process, in
-    which owner ``i`` hands in ``vectors[i]`` for ``counts[i]`` digits (:func:`masked_round`, one message)."""
-    return masked_round(*_given(vectors, counts), run_id=run_id)
-
-
-def ckks_average(vectors: Sequence, counts: Sequence[int],
-                 run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's key holder returns it, decrypted and flooded, in which
-    owner ``i`` hands in ``vectors[i]`` for ``counts[i]`` digits (:func:`ckks_round` under one message)."""
-    return ckks_round(*_given(vectors, counts), run_id=run_id)

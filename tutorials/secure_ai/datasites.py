@@ -2,7 +2,8 @@
 
 A :class:`DataOwner` starts a named datasite (in memory by default, or an HTTP server on 127.0.0.1),
 holds private data next to a mock, lets a data scientist register, and reviews their code requests: every
-approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code.
+approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code (what a
+review shows and binds is :class:`secure_ai.review.CodeReview`).
 Everything a data owner does goes through syft's own API; this module only removes the boilerplate and the
 noise, and makes restarts clean: starting an owner whose name is already running replaces it, and
 :func:`shutdown_all` (also run at exit) leaves no servers, ports or temporary folders behind.
@@ -18,7 +19,6 @@ datasite. The data scientist's side is :mod:`secure_ai.remote`.
 from __future__ import annotations
 
 import atexit
-import hashlib
 import multiprocessing
 import os
 import re
@@ -33,11 +33,15 @@ from pathlib import Path
 import numpy as np
 import psutil
 
-from . import syft_patches
+from . import syft_patches, syft_servers
 from .quiet import quiet, silence_logging
+from .review import CodeReview
 
 # syft keeps each datasite's database and blobs under $TMPDIR/$SYFT_TEMP_ROOT/<server id>. One folder per
 # Python process, so that two notebooks (or a notebook and the tests) never share a datasite's files.
+# A spawned server process inherits the variable, and with it the folder: only the process that named the
+# folder removes it at exit (an owner's server that imported this module must not delete its kernel's folder).
+_NAMED_ROOT = "SYFT_TEMP_ROOT" not in os.environ
 os.environ.setdefault("SYFT_TEMP_ROOT", f"secure-ai-syft-{os.getpid()}")
 TEMP_ROOT = Path(tempfile.gettempdir(), os.environ["SYFT_TEMP_ROOT"])
 
@@ -46,9 +50,11 @@ with quiet():
 syft_patches.apply()
 silence_logging()
 
-# syft 0.9.5 creates every datasite with this admin account. It is a well-known demo credential: an
-# in-memory datasite keeps it (nobody else can reach it); an HTTP datasite replaces the password at start.
+# syft 0.9.5's default admin account, a well-known demo credential. An in-memory datasite keeps it: only
+# this process can reach it, and this process holds the owner's client anyway. An HTTP datasite is created
+# with a fresh random password instead (syft_patches fix 9): the demo password never works there.
 ADMIN_EMAIL, ADMIN_PASSWORD = "info@openmined.org", "changethis"
+_EVERY_INTERFACE = ("0.0.0.0", "::", "")  # hosts that mean "listen on every network interface"
 
 _running: dict[str, DataOwner] = {}
 _paused: set[int] = set()  # pids of servers this process stopped with SIGSTOP and has not resumed
@@ -78,8 +84,8 @@ class DataOwner:
 
     ``port=None`` runs the datasite inside this Python process (fast, nothing to clean up); with a port it
     is a real HTTP server on ``host`` (127.0.0.1 unless you ask otherwise) in a separate process, reachable
-    at :attr:`url`. An HTTP datasite's admin gets a fresh random password at start
-    (:attr:`admin_password`): syft's demo credential is refused from then on.
+    at :attr:`url`. An HTTP datasite's admin account has a fresh random password (:attr:`admin_password`)
+    from its first moment: syft's demo credential is never accepted there.
     """
 
     def __init__(self, name: str, port: int | None = None, host: str = "127.0.0.1"):
@@ -95,7 +101,7 @@ class DataOwner:
         if port is not None and not port_is_free(port):
             raise ValueError(f"port {port} is already in use; pick another or shut that server down")
         self.name, self.port, self.host = name, port, host
-        self.admin_password = ADMIN_PASSWORD
+        self.admin_password = ADMIN_PASSWORD if port is None else secrets.token_urlsafe(24)
         self._reviews: dict[str, CodeReview] = {}
         self._process = None  # the HTTP server's multiprocessing.Process (see server_process)
         with quiet():
@@ -103,13 +109,11 @@ class DataOwner:
                 self._handle = sy.orchestra.launch(name=name, reset=True)
             else:  # the server process starts through syft_patches.run_uvicorn, so it runs with our fixes
                 before = set(multiprocessing.active_children())
-                self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
+                with syft_servers.root_credentials(ADMIN_EMAIL, self.admin_password):
+                    self._handle = sy.orchestra.launch(name=name, reset=True, port=port, host=host)
                 started = [p for p in multiprocessing.active_children() if p not in before]
                 self._process = started[0] if len(started) == 1 else None
-            self.client = self._handle.login(email=ADMIN_EMAIL, password=ADMIN_PASSWORD)
-            if port is not None:  # never leave a reachable server on the well-known demo password
-                self.admin_password = secrets.token_urlsafe(24)
-                self.client.account.set_password(self.admin_password, confirm=False)
+            self.client = self._handle.login(email=ADMIN_EMAIL, password=self.admin_password)
         _running[name] = self
 
     def __repr__(self) -> str:
@@ -119,8 +123,16 @@ class DataOwner:
 
     @property
     def url(self) -> str | None:
-        """``http://127.0.0.1:<port>`` for an HTTP datasite, ``None`` for an in-memory one."""
-        return None if self.port is None else f"http://{self.host}:{self.port}"
+        """Where a data scientist connects: ``http://<host>:<port>``, ``None`` for an in-memory datasite.
+
+        A datasite on ``host="0.0.0.0"`` listens on every interface, and 0.0.0.0 is no address to connect
+        to: the url then names this machine (``socket.gethostname()``). Another machine reaches it only if
+        its network resolves that name; if not, give the data scientist this machine's IP address.
+        """
+        if self.port is None:
+            return None
+        host = socket.gethostname() if self.host in _EVERY_INTERFACE else self.host
+        return f"http://{host}:{self.port}"
 
     @property
     def is_running(self) -> bool:
@@ -188,7 +200,8 @@ class DataOwner:
         with quiet():
             if self.port is None:
                 return self._handle.login(email=email, password=password)
-            return sy.login(url=f"http://{self.host}", port=self.port, email=email, password=password)
+            host = "127.0.0.1" if self.host in _EVERY_INTERFACE else self.host
+            return sy.login(url=f"http://{host}", port=self.port, email=email, password=password)
 
     # --- code requests --------------------------------------------------------------------------------
     def pending_requests(self) -> list:
@@ -242,7 +255,7 @@ class DataOwner:
         the code and its policies. :meth:`approve` approves exactly that, or nothing.
         """
         request = self.pending_request(function_name)
-        review = CodeReview.of(request, self)
+        review = CodeReview.of(request, _codes_of(request)[0], self.client.datasets)
         self._reviews[function_name] = review
         return review
 
@@ -254,7 +267,7 @@ class DataOwner:
         request's code and policies must have that digest. Anything else raises ``ValueError``.
         """
         request = self.pending_request(function_name)
-        current = CodeReview.of(request, self)
+        current = CodeReview.of(request, _codes_of(request)[0], self.client.datasets)
         reviewed = self._reviews.get(function_name)
         if digest is None:
             if reviewed is None:
@@ -310,6 +323,8 @@ class DataOwner:
         del _running[self.name]
         with quiet():
             self._handle.land()
+        if self._process is not None:  # its port and folder are free once the process has ended
+            self._process.join(timeout=syft_servers.ORPHAN_GRACE_S + 5)
         from syft.server.utils import get_named_server_uid
 
         shutil.rmtree(TEMP_ROOT / str(get_named_server_uid(self.name)), ignore_errors=True)
@@ -327,56 +342,6 @@ def _codes_of(request) -> list:
 
     with quiet():
         return [c.code for c in request.changes if isinstance(c, UserCodeStatusChange)]
-
-
-def _inputs_of(code, owner: DataOwner) -> dict[str, str]:
-    """What each argument of ``code`` is bound to, in words: an asset of ``owner`` or a data type."""
-    assets = {
-        str(asset.action_id): f"asset {dataset.name}/{asset.name}"
-        for dataset in owner.client.datasets for asset in dataset.assets
-    }
-    described = {}
-    for kwargs in (code.input_policy_init_kwargs or {}).values():
-        for arg, rule in kwargs.items():
-            uid = getattr(rule, "val", rule)
-            if hasattr(rule, "type"):
-                described[arg] = f"any {rule.type.__name__} of the data scientist's"
-            else:
-                described[arg] = assets.get(str(uid), f"object {str(uid)[:8]} (not one of your assets)")
-    return dict(sorted(described.items()))
-
-
-class CodeReview(str):
-    """What an owner was shown of one pending request: prints as a header line and the code.
-
-    ``request_id`` and ``digest`` (SHA-256 of the function name, code, inputs and policies) bind an
-    approval to exactly this request and this code; ``inputs`` says what each argument is bound to
-    (``"asset <dataset>/<asset>"`` for this owner's assets).
-    """
-
-    request_id: str
-    digest: str
-    function_name: str
-    inputs: dict[str, str]
-
-    @classmethod
-    def of(cls, request, owner: DataOwner) -> CodeReview:
-        code = _codes_of(request)[0]
-        inputs = _inputs_of(code, owner)
-        limits = {k: v for k, v in (code.output_policy_init_kwargs or {}).items() if k != "id"}
-        policies = f"{code.input_policy_type.__name__} {code.output_policy_type.__name__}{limits}"
-        digest = hashlib.sha256(
-            "\0".join([code.service_func_name, code.raw_code, repr(inputs), policies]).encode()
-        ).hexdigest()
-        once = code.output_policy_type.__name__ == "OutputPolicyExecuteOnce"
-        limit = limits.get("limit", 1 if once else None)
-        runs = f"at most {limit} run{'s' * (limit != 1)}" if limit else code.output_policy_type.__name__
-        header = (f"# request {str(request.id)[:8]}: {runs}, digest {digest[:12]}\n# inputs: "
-                  + ", ".join(f"{k} = {v}" for k, v in inputs.items()))
-        review = cls(f"{header}\n{code.raw_code}")
-        review.request_id, review.digest, review.inputs = str(request.id), digest, inputs
-        review.function_name = code.service_func_name
-        return review
 
 
 # --- an HTTP owner's server, as an operating-system process ------------------------------------------------
@@ -446,7 +411,8 @@ def shutdown_all() -> None:
         _paused.discard(pid)
     for owner in list(_running.values()):
         owner.shutdown()
-    shutil.rmtree(TEMP_ROOT, ignore_errors=True)
+    if _NAMED_ROOT:
+        shutil.rmtree(TEMP_ROOT, ignore_errors=True)
 
 
 atexit.register(shutdown_all)

@@ -5,16 +5,22 @@ for at most ``rounds`` runs, whatever assets it binds (MNIST, a DP policy, a sec
 :func:`run` calls the approved function with a new ``weights`` message and brings its answer back.
 ``federated.request_training``/``train_remotely``, ``secagg.request_step``/``call_step`` and
 ``scale.remote_trainer`` are thin wrappers that choose the assets. A refusal is a :class:`RemoteError`
-with syft's public reason, without its traceback.
+with syft's public reason, without its traceback. An HTTP datasite that does not answer within the HTTP
+timeout (300 s by default; :func:`set_http_timeout` chooses it per client) fails the call with
+:class:`RemoteTimeout`.
 """
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
+from contextlib import contextmanager
+
+import requests
 
 from .datasites import sy
 from .quiet import quiet
 from .runtime import release_memory
+from .syft_servers import set_http_timeout  # noqa: F401 - the data scientist's knob, re-exported here
 
 
 def check_rounds(rounds: int) -> None:
@@ -51,7 +57,8 @@ def run(client, function_name: str, message: Mapping, assets: Mapping[str, objec
     :func:`call_unsilenced`). ``requested_with`` names the function that requests it, for the error
     raised when the datasite holds no such function.
     """
-    remote = getattr(client.code, function_name, None)
+    with _timeout_is_a_remote_error():  # syft may fetch the datasite's API first
+        remote = getattr(client.code, function_name, None)
     if remote is None:
         raise ValueError(f"{client.name} has no function {function_name!r}; request it with {requested_with}")
     return (call_unsilenced if threaded else call)(remote, **assets, weights=dict(message))
@@ -59,6 +66,23 @@ def run(client, function_name: str, message: Mapping, assets: Mapping[str, objec
 
 class RemoteError(RuntimeError):
     """A datasite refused or failed a request. The message is syft's public one, without its traceback."""
+
+
+class RemoteTimeout(RemoteError, TimeoutError):
+    """An HTTP datasite accepted a call and did not answer within the HTTP timeout (syft_patches fix 10)."""
+
+
+def _timed_out(error: Exception) -> RemoteTimeout:
+    return RemoteTimeout(f"the datasite did not answer in time ({error}): a frozen, overloaded or "
+                         "unreachable owner, or a call longer than set_http_timeout allows")
+
+
+@contextmanager
+def _timeout_is_a_remote_error():
+    try:
+        yield
+    except requests.Timeout as error:
+        raise _timed_out(error) from None
 
 
 _HINTS = {
@@ -97,6 +121,8 @@ def call_unsilenced(function, **kwargs):
         value = result.get() if isinstance(result, sy.ActionObject) else result
     except SyftException as error:
         raise RemoteError(clean_message(error.public_message)) from None
+    except requests.Timeout as error:
+        raise _timed_out(error) from None
     finally:
         # syft's serialized copies are garbage now; without this they stay in the process's heap (in a
         # notebook, 0.1-0.2 GB after a few dozen calls, more when calls run in threads)
