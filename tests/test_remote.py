@@ -69,5 +69,5 @@ def test_syft_messages_lose_their_class_prefix_and_gain_a_hint():
     assert hinted == "is waiting for approval (the owner has not reviewed this request yet)"
     pinned = remote.clean_message("Input with uid: 921f for `weights` not in allowed inputs: {ServerIdentity "
                                   "<name=joe, id=8ff3>: {'images': <UID: bbde>, 'weights': <UID: 6157>}}")
-    assert pinned == ("Input with uid: 921f for `weights` not in allowed inputs (the approval pins the objects "
-                      "this function may run on)")
+    assert pinned == ("Input with uid: 921f for `weights` not in allowed inputs "
+                      "(the approval pins the objects this function may run on)")
