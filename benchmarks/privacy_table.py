@@ -1,6 +1,6 @@
 """The series' privacy-utility-cost table at full size: Part 6's table with more seeds and shadow models.
 
-Run from the repository root (about 15 minutes on a 2-core CPU with the defaults; needs kymatio):
+Run from the repository root (about 4 minutes on a shared 2-core CPU with the defaults; needs kymatio):
 
     SECURE_AI_DATA=/path/to/data .venv/bin/python benchmarks/privacy_table.py [--seeds 3] [--shadows 16]
 
