@@ -139,7 +139,7 @@ def test_the_count_comes_back_exact_at_the_largest_allowed_sigma():
 
 
 def test_about_26_bits_of_fraction_remain_on_the_sum(key_holder, public):
-    """DP review 4.8: Part 4's sizes (3 owners, 79,510 weights, n = 60,000): scaled by 2**40, the sum of
+    """DP review 4.8: Part 5's sizes (3 owners, 79,510 weights, n = 60,000): scaled by 2**40, the sum of
     n*w comes back with an error of about 2**-26 (the figure in the module's docstring)."""
     rng = np.random.default_rng(8)
     vectors, counts = [rng.normal(0, 0.05, 79_510) for _ in range(3)], [15_000, 20_000, 25_000]
@@ -256,7 +256,7 @@ def test_key_holder_refuses_what_is_not_a_sum_of_owners(holder, tmp_path):
 
 
 def test_flooding_sigma_grows_as_the_root_of_decryptions_and_2_to_the_s_over_2():
-    """DP review 4.7: sigma = E 2**(s/2) sqrt(64 N_d); Part 4's key holder: N_d = 3 x 21 = 63, sigma = 1.7."""
+    """DP review 4.7: sigma = E 2**(s/2) sqrt(64 N_d); 3 rounds of Part 5's model: N_d = 3 x 21 = 63, 1.7."""
     assert he.flooding_sigma(4 * 63) == pytest.approx(2 * he.flooding_sigma(63))
     assert he.flooding_sigma(63, 32) == pytest.approx(2 * he.flooding_sigma(63, 30))
     part4 = he.KeyHolder("r", OWNERS, length=79_510, max_rounds=3)

@@ -103,3 +103,21 @@ def test_plots_of_the_chapter():
     assert np.allclose(lines[2].get_ydata(), dp_tpr_bound(lines[2].get_xdata(), 1.0, 1e-5))
     with pytest.raises(ValueError, match="empty"):
         plots.plot_roc({})
+
+
+def test_plots_of_secure_aggregation_and_encryption():
+    import matplotlib.pyplot as plt
+
+    rng = np.random.default_rng(0)
+    ring = rng.integers(0, 2**64, 1000, dtype=np.uint64)
+    fig = plots.plot_top_bytes({"secret": np.full(1000, 5, dtype=np.uint64), "share": ring})
+    assert len(fig.axes) == 2 and fig.axes[0].patches[0].get_height() == 1000   # every top byte is 0
+    with pytest.raises(ValueError, match="uint64"):
+        plots.plot_top_bytes({"floats": np.zeros(3)})
+    with pytest.raises(ValueError, match="empty"):
+        plots.plot_top_bytes({})
+    fig2 = plots.plot_noise(rng.normal(0, 2.0, 1000), 2.0, xlabel="error")
+    assert len(fig2.axes[0].lines) == 1 and "σ = 2" in fig2.axes[0].get_legend().get_texts()[1].get_text()
+    with pytest.raises(ValueError, match="sigma > 0"):
+        plots.plot_noise([], 1.0, xlabel="error")
+    plt.close("all")

@@ -219,6 +219,25 @@ def test_checked_model_builds_the_model_from_an_allowed_message():
         tr.checked_model(_message("cnn"), min_batch_size=32, max_lr=0.1, extra_ints=("batch",))
 
 
+def test_checked_model_takes_a_smaller_mlp_within_the_owners_bound_on_hidden_units():
+    """Parts 4 and 5 train an MLP with 100 hidden units (79,510 weights: 20 CKKS ciphertexts, not 98)."""
+    small = tr.model_to_vector(tr.MLP(hidden=100)).numpy()
+    model, recipe = tr.checked_model(_message(hidden=100, vector=small), min_batch_size=32, max_lr=0.1)
+    assert model.net[1].out_features == 100 and recipe["hidden"] == 100
+    assert torch.equal(tr.model_to_vector(model), torch.from_numpy(small))
+    _, recipe = tr.checked_model(_message(), min_batch_size=32, max_lr=0.1)
+    assert "hidden" not in recipe                                       # absent: the 500 units of MLP()
+    with pytest.raises(ValueError, match=r"vector must be float32 of shape \(79510,\)"):
+        tr.checked_model(_message(hidden=100), min_batch_size=32, max_lr=0.1)   # a 500-unit vector
+    for hidden in (0, 501, 100.0, True):
+        with pytest.raises(ValueError, match="hidden must be an integer in"):
+            tr.checked_model(_message(hidden=hidden, vector=small), min_batch_size=32, max_lr=0.1)
+    with pytest.raises(ValueError, match=r"hidden must be an integer in \[1, 50\]"):
+        tr.checked_model(_message(hidden=100, vector=small), min_batch_size=32, max_lr=0.1, max_hidden=50)
+    with pytest.raises(ValueError, match="model must be 'cnn'"):
+        tr.checked_model(_message("cnn", hidden=100), min_batch_size=32, max_lr=0.1)
+
+
 def test_the_batch_size_cap_is_the_owners_to_set():
     assert tr.MAX_BATCH_SIZE == 256
     _, recipe = tr.checked_model(_message(batch_size=256), min_batch_size=32, max_lr=0.1)

@@ -20,9 +20,9 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 * :mod:`secure_ai.features` - handcrafted ScatterNet features, normalized per image, for DP-SGD (Part 3)
 * :mod:`secure_ai.attacks` - what one update leaks: gradients, labels, gradient inversion, SSIM/PSNR (Part 5)
 * :mod:`secure_ai.membership` - what a trained model leaks: membership inference, ROC, margins (Part 5)
-* :mod:`secure_ai.costs` - time and bytes each protection costs an owner per round (Part 5)
+* :mod:`secure_ai.costs` - time, bytes and error each protection costs per round (Parts 5, 6)
 * :mod:`secure_ai.secret_sharing` - fixed point, additive sharing, key agreement, pairwise masks (Part 4)
-* :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 4)
+* :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 5)
 * :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 5)
 
 L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):

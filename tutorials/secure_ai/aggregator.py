@@ -186,7 +186,7 @@ def masked_average(vectors: Sequence, counts: Sequence[int],
 
 def ckks_average(vectors: Sequence, counts: Sequence[int],
                  run_id: str = "imprint") -> tuple[np.ndarray, int]:
-    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 4's CKKS key holder returns it: decrypted, then flooded
+    """``(sum n_i w_i / sum n_i, sum n_i)`` as Part 5's CKKS key holder returns it: decrypted, then flooded
     with Gaussian noise of std ``KeyHolder.flood_sigma`` in the sum's units (a key holder sized for one
     round of these vectors)."""
     from . import encryption as he

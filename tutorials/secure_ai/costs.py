@@ -2,12 +2,15 @@
 
 * :func:`best_time`: the fastest of a few runs of a function (a busy machine only ever adds time)
 * :func:`round_costs`: plain FedAvg, DP-SGD, pairwise masks and CKKS, timed without syft
+* :func:`compare_methods`: plain FedAvg, double masking and CKKS on one round of real updates: the work each
+  adds, the bytes each owner sends, and the error of each on the average (Part 5's comparison)
 """
 from __future__ import annotations
 
 import math
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -70,3 +73,67 @@ def round_costs(local_update: Callable[[bool], torch.Tensor], n_samples: int, n_
     }
     return {name: {"seconds": s, "bytes": b, "time vs plain": s / plain_seconds,
                    "bytes vs plain": b / plain_bytes} for name, (s, b) in costs.items()}
+
+
+def compare_methods(vectors: Sequence, counts: Sequence[int], flooded_average, repeat: int = 3
+                    ) -> dict[str, dict[str, float]]:
+    """Plain FedAvg, double masking and CKKS on the same round of updates, without syft.
+
+    ``vectors`` are the owners' trained weights of one round (flat float32 arrays), ``counts`` their sample
+    counts, and ``flooded_average`` the CKKS key holder's average of that round as it handed it out (with its
+    flooding noise). Per method:
+
+    * ``seconds``: the aggregation alone, all parties' work in one process (fastest of ``repeat``; CKKS once):
+      the float32 average (plain); each owner's fixed-point encoding, self mask and pairwise masks, then the
+      aggregator's unmasking and decoding (double masking, with the self-mask seeds revealed); each owner's
+      encryption and serialization, then the key holder's loading, adding and decrypting (CKKS);
+    * ``bytes``: what one owner sends (float32 weights; ``[n*w, n]`` as 64-bit ring elements; ciphertexts);
+    * ``error``: the largest difference on a weight from the exact (float64) FedAvg average, as handed out;
+    * ``own error``: the same before any flooding noise (CKKS's own error, under a fresh key).
+    """
+    from . import encryption as he
+    from . import secret_sharing as ss
+    from .training import fedavg
+
+    vectors = [np.asarray(v, dtype=np.float32).reshape(-1) for v in vectors]
+    counts = [int(n) for n in counts]
+    if len(vectors) < 2 or len(counts) != len(vectors) or len({v.size for v in vectors}) != 1:
+        raise ValueError(f"need at least 2 vectors of one length and a count for each, got {len(vectors)} "
+                         f"vectors and {len(counts)} counts")
+    exact = np.average(np.stack(vectors).astype(np.float64), axis=0, weights=counts)
+    names = [f"owner{i}" for i in range(len(vectors))]
+    keys = {name: ss.generate_keypair() for name in names}
+    public = {name: pk for name, (_, pk) in keys.items()}
+    self_seeds = {name: os.urandom(32) for name in names}
+
+    def plain():
+        return fedavg([{"vector": v} for v in vectors], counts)["vector"], vectors[0].nbytes
+
+    def double_masking():
+        sent = {}
+        for name, v, n in zip(names, vectors, counts):
+            encoded = ss.encode_weighted(v, n)
+            self_masked = encoded + ss.expand_seed(self_seeds[name], encoded.size)
+            sent[name] = ss.mask(self_masked, name, keys[name][0], public, 0)
+        total = ss.unmask_sum(sent, names)
+        for seed in self_seeds.values():
+            total -= ss.expand_seed(seed, total.size)
+        return ss.decode_weighted_average(total)[0], sent[names[0]].nbytes
+
+    context = he.make_context()
+    public_context = he.public_context(context)
+
+    def ckks():
+        sent = [he.encrypt_weighted(public_context, v, n).to_bytes() for v, n in zip(vectors, counts)]
+        total = he.aggregate([he.EncryptedVector.from_bytes(context, c) for c in sent])
+        return he.decrypt_weighted_average(total, context)[0], len(sent[0])
+
+    flooded_error = float(np.abs(np.asarray(flooded_average, dtype=np.float64) - exact).max())
+    results = {}
+    for method, run, times in (("plain FedAvg", plain, repeat), ("double masking", double_masking, repeat),
+                               ("CKKS", ckks, 1)):
+        seconds, (average, sent_bytes) = best_time(run, times)
+        own = float(np.abs(np.asarray(average, dtype=np.float64) - exact).max())
+        results[method] = {"seconds": seconds, "bytes": sent_bytes, "own error": own,
+                           "error": flooded_error if method == "CKKS" else own}
+    return results

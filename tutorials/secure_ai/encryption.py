@@ -35,11 +35,12 @@ decryptions ``N_d`` and the statistical security ``s``, ``sigma = E * 2**(s/2) *
 ``sqrt(64 * N_d)`` and ``s = 30`` by default (``gen-cryptocontext-ckksrns-internal.h``,
 ``CKKS_NOISE_FLOODING.md``); we keep the larger constant, 2.3 times more noise: the "prior art" bound as
 the reference code of "IND-CPA-D and KR-D Security with Reduced Noise from the HintLWE Problem" states it.
-``N_d`` counts ciphertexts: ``max_rounds * (ceil(length / 4096) + 1)``, 3 x (20 + 1) = 63
-for Part 4's 79,510 weights, which with s = 30 and 3 owners gives sigma = 1.7 in units of ``sum n_i w_i``
-(2.8e-5 on an average weight at n = 60,000). This is a heuristic, not a proof: ``E`` holds with high
-probability only, and we add the noise to the decoded numbers rather than to the plaintext polynomial as
-the paper and OpenFHE do (the ratio sigma / E is what matters; both are taken in the decoded numbers here).
+``N_d`` counts ciphertexts: ``max_rounds * (ceil(length / 4096) + 1)``, 2 x (20 + 1) = 42
+for Part 5's 2 rounds of 79,510 weights, which with s = 30 and 3 owners gives sigma = 1.4 in units of
+``sum n_i w_i`` (2.3e-5 on an average weight at n = 60,000; 3 rounds: 63 and 1.7). This is a heuristic,
+not a proof: ``E`` holds with high probability only, and we add the noise to the decoded numbers rather
+than to the plaintext polynomial as the paper and OpenFHE do (the ratio sigma / E is what matters; both
+are taken in the decoded numbers here).
 """
 from __future__ import annotations
 

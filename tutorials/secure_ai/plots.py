@@ -1,7 +1,8 @@
 """Every figure of the series: what a reader would rather look at than read.
 
 Digits, label histograms and learning curves (Parts 1-2, 6); noisy answers and privacy against utility
-(Part 3); reconstructions and membership ROC curves with the DP bound (Part 5); label shares per owner.
+(Part 3); top bytes of shares and masked vectors, and the flooding noise (Parts 4-5); reconstructions and
+membership ROC curves with the DP bound (Part 5); label shares per owner.
 """
 from __future__ import annotations
 
@@ -129,6 +130,44 @@ def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], ba
         ax.minorticks_off()
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    ax.figure.tight_layout()
+    return ax.figure
+
+
+# --- Parts 4 and 5: secure aggregation and homomorphic encryption -----------------------------------------
+def plot_top_bytes(columns: Mapping[str, np.ndarray]):
+    """One histogram per entry of ring elements (uint64): how often each value of their top byte occurs.
+
+    A secret's top bytes pile up (small positive numbers near 0, negative ones near 255); a share's or a
+    masked vector's are flat.
+    """
+    if not columns:
+        raise ValueError("columns is empty: pass {title: uint64 values}")
+    fig, axes = plt.subplots(1, len(columns), figsize=(2.75 * len(columns), 2.4), sharey=True, squeeze=False)
+    for ax, (title, values) in zip(axes[0], columns.items()):
+        values = np.asarray(values)
+        if values.dtype != np.uint64:
+            raise ValueError(f"{title!r}: expected ring elements (uint64), got {values.dtype}")
+        ax.hist((values.ravel() >> np.uint64(56)).astype(int), bins=64, range=(0, 256))
+        ax.set(title=title, xlabel="top byte")
+    axes[0, 0].set_ylabel("count")
+    fig.tight_layout()
+    return fig
+
+
+def plot_noise(errors, sigma: float, xlabel: str, title: str | None = None, ax=None):
+    """Histogram of ``errors`` with the Gaussian density of standard deviation ``sigma`` over it."""
+    errors = np.asarray(errors, dtype=float).ravel()
+    if errors.size == 0 or not sigma > 0:
+        raise ValueError(f"need some errors and sigma > 0, got {errors.size} errors and sigma {sigma!r}")
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6, 2.8))
+    ax.hist(errors, bins=80, density=True, alpha=0.7, label="measured")
+    x = np.linspace(errors.min(), errors.max(), 200)
+    density = np.exp(-0.5 * (x / sigma) ** 2) / (sigma * np.sqrt(2 * np.pi))
+    ax.plot(x, density, label=f"Gaussian, σ = {sigma:.3g}")
+    ax.set(xlabel=xlabel, ylabel="density", title=title)
+    ax.legend(fontsize=8)
     ax.figure.tight_layout()
     return ax.figure
 

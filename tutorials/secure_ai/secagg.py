@@ -1,7 +1,7 @@
-"""Part 4's workflow: secure aggregation with double masking, and every check an owner makes on it.
+"""Parts 4 and 5's workflow: secure aggregation with double masking, and every check an owner makes on it.
 
-It is the owners' protocol for both secure methods of the chapter: masked FedAvg (below) and the owner's
-step of CKKS aggregation (:func:`owner_encrypt`); the maths are in :mod:`secure_ai.secret_sharing` and
+It is the owners' protocol for both secure methods: masked FedAvg (below, Part 4) and the owner's step of
+CKKS aggregation (:func:`owner_encrypt`, Part 5); the maths are in :mod:`secure_ai.secret_sharing` and
 :mod:`secure_ai.encryption`, the syft requests and calls in :mod:`secure_ai.remote`, the aggregator's side
 in :mod:`secure_ai.aggregator`.
 

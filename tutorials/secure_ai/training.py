@@ -284,14 +284,15 @@ MAX_BATCH_SIZE = 256
 
 def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_momentum: float = 0.99,
                   max_channels: int = 32, extra_ints: tuple[str, ...] = (),
-                  max_batch_size: int = MAX_BATCH_SIZE):
+                  max_batch_size: int = MAX_BATCH_SIZE, max_hidden: int = 500):
     """Owner side, first thing in approved training code: the data scientist's message, within bounds.
 
-    The message is ``{"model": "cnn" | "mlp", "channels": [c1, c2] (cnn only), "vector": weights, "lr",
-    "momentum", "batch_size", "seed"}`` plus the integer keys named in ``extra_ints``. Refused with a
-    ``ValueError``: unknown or missing keys, ``batch_size`` outside ``[min_batch_size, max_batch_size]``,
-    ``lr`` outside ``(0, max_lr]``, ``momentum`` outside ``[0, max_momentum]``, channels outside
-    ``1..max_channels``, and a ``vector`` that is not a finite float32 vector of exactly the model's size.
+    The message is ``{"model": "cnn" | "mlp", "channels": [c1, c2] (cnn only), "hidden": units (mlp only,
+    optional: 500 when absent), "vector": weights, "lr", "momentum", "batch_size", "seed"}`` plus the integer
+    keys named in ``extra_ints``. Refused with a ``ValueError``: unknown or missing keys, ``batch_size``
+    outside ``[min_batch_size, max_batch_size]``, ``lr`` outside ``(0, max_lr]``, ``momentum`` outside
+    ``[0, max_momentum]``, channels outside ``1..max_channels``, hidden units outside ``1..max_hidden``, and
+    a ``vector`` that is not a finite float32 vector of exactly the model's size.
     Returns ``(model with the vector loaded, the checked message)``.
 
     The batch bounds hold only if the training code then takes full batches: :func:`train_epoch` with
@@ -303,10 +304,10 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
     if not isinstance(message, Mapping):
         raise ValueError(f"the message must be a dict, got {type(message).__name__}")
     required = {"model", "vector", "lr", "momentum", "batch_size", "seed", *extra_ints}
-    allowed = required | {"channels"}
+    allowed = required | {"channels", "hidden"}
     if set(message) - allowed or required - set(message):
-        raise ValueError(f"message keys must be {sorted(required)} (and 'channels' for a cnn), got "
-                         f"{sorted(message)}")
+        raise ValueError(f"message keys must be {sorted(required)} (and 'channels' for a cnn, 'hidden' for "
+                         f"an mlp), got {sorted(message)}")
 
     def integer(key, low, high=None):
         value = message[key]
@@ -329,7 +330,7 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
                "seed": integer("seed", 0), "lr": number("lr", 0, max_lr, True),
                "momentum": number("momentum", 0, max_momentum, False)}
     checked |= {key: integer(key, 0) for key in extra_ints}
-    if checked["model"] == "cnn":
+    if checked["model"] == "cnn" and "hidden" not in message:
         channels = message.get("channels")
         if (not isinstance(channels, list | tuple) or len(channels) != 2
                 or not all(isinstance(c, int) and 1 <= c <= max_channels for c in channels)):
@@ -337,9 +338,12 @@ def checked_model(message: Mapping, *, min_batch_size: int, max_lr: float, max_m
         checked["channels"] = list(channels)
         model = CNN(channels=tuple(channels))
     elif checked["model"] == "mlp" and "channels" not in message:
-        model = MLP()
+        if "hidden" in message:
+            checked["hidden"] = integer("hidden", 1, max_hidden)
+        model = MLP(hidden=checked.get("hidden", 500))
     else:
-        raise ValueError(f"model must be 'cnn' (with channels) or 'mlp', got {checked['model']!r}")
+        raise ValueError(f"model must be 'cnn' (with channels) or 'mlp' (with or without hidden), got "
+                         f"{checked['model']!r} with {sorted(set(message) & {'channels', 'hidden'})}")
     vector = message["vector"]
     size = sum(p.numel() for p in model.parameters())
     if not (isinstance(vector, np.ndarray) and vector.dtype == np.float32 and vector.shape == (size,)):
