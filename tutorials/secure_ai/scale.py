@@ -7,9 +7,10 @@ through the same round: dispatch to a sample of owners at once (one daemon threa
 calls are blocking HTTP), wait until every sampled owner answered or the deadline passed, check every reply,
 and average the valid ones weighted by their sample counts (FedAvg), optionally with server momentum
 (FedAvgM, Hsu et al. 2019). A round with fewer valid answers than ``min_answers`` keeps the previous model
-(Flower's ``min_fit_clients``). Each round leaves a :class:`RoundRecord`: who was asked, who answered with
-how many samples, who was dropped and why, whose answer came too late, and which late answers arrived
-afterwards (received by the data scientist, never averaged).
+(Flower's ``FaultTolerantFedAvg`` sets it as a share, ``min_completion_rate_fit``). Each round leaves a
+:class:`RoundRecord`: who was asked, who answered with how many samples, who was dropped and why, whose
+answer came too late, and which late answers arrived afterwards (received by the data scientist, never
+averaged).
 
 Averaging only the owners who answer weights the model toward them (participation bias); ``min_answers``
 bounds how few may make a round.
@@ -112,7 +113,7 @@ class RoundRecord:
     late: list[str] = field(default_factory=list)            # no answer by the deadline (a subset of dropped)
     seconds: float = 0.0
     owner_seconds: dict[str, float] = field(default_factory=dict)   # each answered call, as the caller saw it
-    failed_after: dict[str, float] = field(default_factory=dict)    # each call that raised: seconds until then
+    failed_after: dict[str, float] = field(default_factory=dict)    # each call that raised: seconds to fail
     metrics: dict[str, dict] = field(default_factory=dict)   # the numbers in each valid reply (loss, ...)
     applied: bool = True      # False: too few answers, the global model was kept as it was
     skipped: str = ""         # why it was kept ("1 answer, 2 needed")
@@ -204,8 +205,8 @@ class Federation:
 
     def __init__(self, trainers: Mapping[str, Trainer], *, deadline: float | None = None,
                  fraction: float = 1.0, min_answers: int = 1, server_momentum: float = 0.0,
-                 server_lr: float = 1.0, concurrent: bool = True, max_samples: Mapping[str, int] | None = None,
-                 seed: int = 0):
+                 server_lr: float = 1.0, concurrent: bool = True,
+                 max_samples: Mapping[str, int] | None = None, seed: int = 0):
         if not isinstance(trainers, Mapping) or not trainers:
             raise ValueError("a federation needs at least one data owner: pass {name: trainer}")
         for name, trainer in trainers.items():
