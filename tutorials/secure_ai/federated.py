@@ -6,8 +6,9 @@ The round trip, in syft 0.9.5 terms:
 * the data scientist wraps a plain training function ``f(images, labels, weights) -> dict`` in a
   ``syft_function`` whose input policy pins the two assets and accepts any ``weights`` dict the data
   scientist owns, and whose output policy allows at most ``rounds`` runs; each owner approves it once;
-* every round sends the global weights (a ``{name: array}`` dict, about 0.1 MB for our CNN) to each owner
-  and gets a dict back; the data scientist averages the weights (:func:`secure_ai.training.fedavg`).
+* every round sends the global weights as one flat float32 ``vector`` plus the recipe (about 45 KB for
+  Part 2's CNN) to each owner and gets a dict back: the new weights, the sample count and the training loss;
+  the data scientist averages the weights (:func:`secure_ai.training.fedavg`).
 
 An approval pins the code, not its inputs: the data scientist picks the ``weights`` message anew on every
 call. Approved training code therefore starts with :func:`secure_ai.training.checked_model`, the owner's
@@ -52,7 +53,7 @@ def upload_mnist(owner: DataOwner, images: np.ndarray, labels: np.ndarray, mock_
         DATASET,
         private={"images": np.ascontiguousarray(images), "labels": labels.astype(np.int64)},
         mock={"images": mock_images, "labels": mock_labels.astype(np.int64)},
-        description=f"handwritten digits held by {owner.name}",  # no count: the exact n is private (Part 3)
+        description=f"handwritten digits held by {owner.name}",  # no count (Part 3 publishes a noisy one)
     )
 
 

@@ -37,7 +37,9 @@ class MLP(nn.Module):
 
 
 class CNN(nn.Module):
-    """A small convolutional net (about 60k weights) that reaches ~99% on MNIST in a few epochs on a CPU.
+    """A small convolutional net that reaches ~99% on MNIST in a few epochs on a CPU.
+
+    28,938 weights with the default channels (16, 32); 11,274 with Part 2's (8, 16).
 
     ``activation`` may be swapped (e.g. ``nn.Tanh`` for differential privacy); there is no BatchNorm, so
     the model works with Opacus as it is.
