@@ -344,3 +344,13 @@ def test_a_round_without_deadline_survives_a_frozen_owner(web_owner):
     assert took < 15 and record.answered == {"local": 64} and record.late == [], record
     assert record.dropped["a"].startswith("RemoteTimeout"), record.dropped
     assert 2 <= record.failed_after["a"] < 10, record.failed_after
+
+
+def test_owner_memory_is_its_share_not_its_resident_set(web_owner):
+    """FL review 38 (M11): an owner server forked from this process shares most of its pages with it. Its
+    memory is read as PSS (each shared page split among the processes that map it), well below its RSS,
+    which counts every shared page in full again for every owner."""
+    owner, _ = web_owner
+    share = datasites.memory_mb(owner)
+    resident = datasites.server_process(owner).memory_info().rss / 1e6
+    assert 10 < share < 0.8 * resident, (share, resident)
