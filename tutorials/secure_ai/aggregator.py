@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import secret_sharing as ss
+from .runtime import release_memory
 from .secagg import make_config, owner_confirm, owner_encrypt, owner_mask, owner_unmask, unwrap
 
 
@@ -198,4 +199,8 @@ def ckks_average(vectors: Sequence, counts: Sequence[int],
         submissions = {name: unwrap(name, owners.encrypt(name, (np.asarray(v, dtype=np.float64), int(n)),
                                                          request))
                        for name, v, n in zip(names, vectors, counts)}
-    return holder.decrypt_average(0, submissions)
+    try:
+        return holder.decrypt_average(0, submissions)
+    finally:
+        del submissions
+        release_memory()  # the ciphertexts: hundreds of MB for the series' MLP
