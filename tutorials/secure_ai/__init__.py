@@ -40,7 +40,7 @@ L3, one workflow per chapter:
 * :mod:`secure_ai.dp_fedavg` - DP-FedAvg with owner-side policies, checks and budgets (Part 3)
 * :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
 * :mod:`secure_ai.aggregator` - the aggregator's side: a secure round, and rounds run in process (Part 4)
-* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 6)
+* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 7)
 
 Notebooks import modules under the same short names: ``from secure_ai import federated as fl``,
 ``training as tr``, ``privacy as dp``, ``secret_sharing as ss``, ``encryption as he`` and
