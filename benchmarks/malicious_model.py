@@ -1,5 +1,5 @@
 """What a malicious (or merely curious) data scientist gets from one update of the series' MLP, within the
-owners' bounds: every number Part 5's "malicious model" section and the README quote.
+owners' bounds: every number Part 6's "malicious model" section and the README quote.
 
 Run from the repository root (about 2 minutes on a 2-core CPU):
 
@@ -7,9 +7,9 @@ Run from the repository root (about 2 minutes on a 2-core CPU):
 
 The owners' side is Part 2's approved code with its bounds as they are meant to hold (batch_size >= 32, lr in
 (0, 0.1], momentum <= 0.99, a finite float32 vector; a full batch from a seeded permutation, no wrap-around,
-full batches only in an epoch), run in-process (Part 5 shows the same calls through syft). Three owners, joe,
+full batches only in an epoch), run in-process (Part 6 shows the same calls through syft). Three owners, joe,
 jane and jill, hold 300 training digits each; the data scientist's public data is MNIST's test set.
-Secure aggregation is one real round of Part 4's double masking; CKKS is Part 4's key holder, with its
+Secure aggregation is one real round of Part 4's double masking; CKKS is Part 5's key holder, with its
 flooding noise (a key holder sized for one round of these vectors: sigma 2.1 in the sum's units for 397,510
 weights, 0.97 for 79,510). Part 4's owners now refuse section G's round (they confirm the model they trained):
 those in-process rounds hand each owner an update already made, and show what the binding prevents.
@@ -38,7 +38,7 @@ from secure_ai import training as tr  # noqa: E402
 from secure_ai.data import mnist_raw  # noqa: E402
 
 OWNERS, DIGITS, LR, SEED = ("joe", "jane", "jill"), 300, 0.1, 0
-SIGMA, CLIP = 1.0, 0.1  # Part 5's DP recipe (Part 3's federated one): noise multiplier, clipping norm
+SIGMA, CLIP = 1.0, 0.1  # Part 6's DP recipe (Part 3's federated one): noise multiplier, clipping norm
 SCALE, GAIN = 1e-4, 1e-2  # the imprint model for single steps: every weight within 0.01
 
 
@@ -69,7 +69,7 @@ def main() -> None:
     honest = tr.model_to_vector(tr.MLP()).numpy()
     print(f"{os.cpu_count()} CPUs, load average {load:.2f}; 3 owners x {DIGITS} digits; lr {LR}")
 
-    print("\nA. The analytic attack on the honest MLP (Part 5's batch-1 sgd_step; Part 2 refuses batch 1)")
+    print("\nA. The analytic attack on the honest MLP (Part 6's batch-1 sgd_step; Part 2 refuses batch 1)")
     tic, found = time.perf_counter(), []
     for k in range(20):
         after = im.one_batch(honest, *data["joe"], lr=LR, batch_size=1, batch=k, seed=SEED)
@@ -166,7 +166,7 @@ def main() -> None:
     line("masked sums, flagged", flagged, time.perf_counter() - tic)
     line("masked sums, any bin", any_bin)
 
-    print("\nE. Through CKKS (Part 4's key holder, sized for one round), round 0 of D, by gain (largest |w|)")
+    print("\nE. Through CKKS (Part 5's key holder, sized for one round), round 0 of D, by gain (largest |w|)")
     afters_of = {}
     idx = tr.batch_indices(DIGITS, 32, 0, SEED)
     digits = np.concatenate([data[n][0][idx] for n in OWNERS])

@@ -24,6 +24,16 @@ def test_best_time_is_the_fastest_run_and_returns_the_result():
         cost_model.best_time(lambda: None, repeat=0)
 
 
+def test_local_update_trains_one_epoch_plain_or_private(mnist):
+    (x, y), _ = mnist
+    plain = cost_model.local_update(x[:64], y[:64], private=False, hidden=16)
+    again = cost_model.local_update(x[:64], y[:64], private=False, hidden=16)
+    private = cost_model.local_update(x[:64], y[:64], private=True, hidden=16, dp_batch=32)
+    assert plain.shape == private.shape == (784 * 16 + 16 + 16 * 10 + 10,)
+    assert torch.equal(plain, again)                                    # plain SGD: seeded
+    assert not torch.equal(plain, private)                              # clipped, noisy steps
+
+
 def test_compare_methods_on_one_round_of_updates():
     from secure_ai import secret_sharing as ss
 

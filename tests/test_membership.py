@@ -67,6 +67,63 @@ def test_shadow_models_split_every_sample_in_half(mnist):
     assert (inside.sum(0) == 2).all() and [s for _, s in calls] == [1, 2, 3, 4]
     with pytest.raises(ValueError, match="even"):
         mi.shadow_confidences(train, x[:40], y[:40], n_shadows=3)
+    with pytest.raises(ValueError, match=">= 4"):
+        mi.shadow_confidences(train, x[:40], y[:40], n_shadows=2)
+
+
+def test_lira_refuses_one_shadow_per_side():
+    """With one 'in' and one 'out' shadow per sample every residual is 0: the pooled variance would be 0."""
+    rng = np.random.default_rng(0)
+    inside = np.stack([rng.permutation([True, False]) for _ in range(100)], axis=1)
+    shadows, target = rng.normal(size=(2, 100)), rng.normal(size=100)
+    with pytest.raises(ValueError, match="at least 2 'in' and 2 'out'"):
+        mi.lira_scores(target, shadows, inside)
+
+
+def test_lira_global_variance_is_the_pooled_residual_std():
+    rng = np.random.default_rng(1)
+    n, k, std = 2000, 16, 1.5
+    inside = np.stack([rng.permutation(np.arange(k) < k // 2) for _ in range(n)], axis=1)
+    means = rng.normal(0, 3, n) + np.where(inside, 1.0, 0.0)
+    shadows = means + rng.normal(0, std, (k, n))
+    target = rng.normal(0, 3, n)
+    in_mean = np.nanmean(np.where(inside, shadows, np.nan), 0)
+    out_mean = np.nanmean(np.where(~inside, shadows, np.nan), 0)
+    pooled_in = np.sqrt(np.nanmean(np.where(inside, shadows - in_mean, np.nan) ** 2))   # as documented
+    pooled_out = np.sqrt(np.nanmean(np.where(~inside, shadows - out_mean, np.nan) ** 2))
+    assert abs(pooled_in / std - 1) < 0.1 and abs(pooled_out / std - 1) < 0.1   # 8 per side: sqrt(7/8) low
+    expected = (-0.5 * ((target - in_mean) / pooled_in) ** 2 - np.log(pooled_in)
+                + 0.5 * ((target - out_mean) / pooled_out) ** 2 + np.log(pooled_out))
+    assert np.allclose(mi.lira_scores(target, shadows, inside), expected)
+
+
+# --- the empirical lower bound on epsilon (DP review 5.6) -----------------------------------------------
+def test_empirical_epsilon_of_a_guess_is_zero():
+    scores = np.random.default_rng(2).normal(size=500)
+    assert mi.empirical_epsilon(scores, scores.copy(), 1e-5) == 0.0
+    rng = np.random.default_rng(3)
+    assert mi.empirical_epsilon(rng.normal(size=500), rng.normal(size=500), 1e-5) == 0.0
+
+
+def test_empirical_epsilon_of_a_perfect_attack_is_the_clopper_pearson_ceiling():
+    """500 / 500 separated scores, halves of 250: TPR >= (alpha/2)^(1/250), FPR <= 1 - (alpha/2)^(1/250)."""
+    rng = np.random.default_rng(4)
+    ceiling = 0.025 ** (1 / 250)
+    expected = np.log((ceiling - 1e-5) / (1 - ceiling))
+    assert mi.empirical_epsilon(rng.normal(10, 1, 500), rng.normal(0, 1, 500), 1e-5) == pytest.approx(
+        expected, abs=1e-3)
+    assert 4.1 < expected < 4.3   # a perfect attack on 500 records proves little more than 4
+
+
+def test_empirical_epsilon_grows_with_the_attack():
+    rng = np.random.default_rng(5)
+    non_members = rng.normal(size=500)
+    proven = [mi.empirical_epsilon(rng.normal(shift, 1, 500), non_members, 1e-5) for shift in (1, 1.5, 3)]
+    assert 0 < proven[0] < proven[1] < proven[2], proven
+    with pytest.raises(ValueError, match="at least 4"):
+        mi.empirical_epsilon([1, 2, 3], [0, 1, 2, 3], 1e-5)
+    with pytest.raises(ValueError, match="alpha"):
+        mi.empirical_epsilon(non_members, non_members, 1e-5, alpha=0)
 
 
 # --- ROC, AUC, TPR at FPR ----------------------------------------------------------------------
@@ -109,8 +166,32 @@ def test_margins():
 def test_attack_membership(mnist):
     (x, y), (tx, ty) = mnist
     train = lambda images, labels, seed: _train(images, labels, epochs=1, seed=seed, hidden=16)
-    result = mi.attack_membership(train, x[:60], y[:60], (tx[:100], ty[:100]), n_shadows=2, progress=False)
+    result = mi.attack_membership(train, x[:60], y[:60], (tx[:100], ty[:100]), n_shadows=4, progress=False)
     assert result.member.sum() == 30 and set(result.scores) == {"loss threshold", "LiRA"}
     assert 0 <= result.auc("LiRA") <= 1 and 0 <= result.accuracy <= 1
+    assert result.shadows.shape == result.inside.shape == (4, 60) and result.confidence.shape == (60,)
+    lira = mi.lira_scores(result.confidence, result.shadows, result.inside)
+    assert np.allclose(result.scores["LiRA"], lira)
+    members, non_members = result.scores["LiRA"][result.member], result.scores["LiRA"][~result.member]
+    assert result.empirical_epsilon("LiRA", 1e-5) == mi.empirical_epsilon(members, non_members, 1e-5)
     with pytest.raises(ValueError, match="unknown attack"):
         result.auc("oracle")
+
+
+# --- the targets -----------------------------------------------------------------------------------------
+def test_the_targets_part_6_and_the_benchmark_share(mnist):
+    (x, y), (tx, ty) = mnist
+    images, labels, test = x[:200], y[:200], (tx[:300], ty[:300])
+    plain = mi.overfit_trainer(hidden=32, epochs=15)(images, labels, 0)
+    assert tr.evaluate(plain, images, labels)[0] == 1.0                       # it memorised its digits
+    train, state = mi.dp_trainer(3.0, steps=10)
+    private = train(images, labels, 0)
+    assert abs(state["epsilon"] - 3.0) < 0.05 and state["sigma"] > 1           # the target's noise, for eps 3
+    shadow = train(images[:100], labels[:100], 1)
+    assert state["epsilon"] == pytest.approx(3.0, abs=0.05) and shadow is not private   # shadows reuse sigma
+    dp_accuracy = tr.evaluate(private, *test)[0]
+    assert dp_accuracy > 0.5
+    matched = mi.matched_trainer(dp_accuracy, test, max_steps=200)(images, labels, 0)
+    assert tr.evaluate(matched, *test)[0] >= dp_accuracy                       # the DP model's utility
+    untrained = mi.matched_trainer(0.0, test)(images, labels, 0)               # reached before any step
+    assert tr.evaluate(untrained, *test)[0] == pytest.approx((test[1] == 0).float().mean().item())

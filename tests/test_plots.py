@@ -93,14 +93,16 @@ def test_plots_draw_and_reject_empty_input():
 # --- Part 5: attacks -------------------------------------------------------------------------------------
 def test_plots_of_the_chapter():
     x = torch.zeros(5, 1, 28, 28)
-    fig = plots.plot_reconstructions({"a": (x, x, torch.tensor([0.1, 0.9, 0.2, 0.3, 0.4])),
-                                      "b": (x[:1], x[:1], torch.tensor([0.5]))}, n=4, threshold=0.8)
+    psnr = torch.tensor([10.0, 43.3, 12.0, 13.0, 14.0])
+    identified = np.array([False, True, False, False, False])
+    fig = plots.plot_reconstructions({"a": (x, x, psnr, identified),
+                                      "b": (x[:1], x[:1], torch.tensor([9.6]), [False])}, n=4)
     assert len([ax for ax in fig.axes if ax.images]) == 2 * (4 + 1)
     labels = [ax.title for ax in fig.axes if ax.get_title()]
-    assert [t.get_text() for t in labels] == ["0.10", "0.90", "0.20", "0.30", "0.50"]
+    assert [t.get_text() for t in labels] == ["10 dB", "43 dB \u2713", "12 dB", "13 dB", "10 dB"]
     assert [t.get_fontweight() for t in labels][:2] == ["normal", "bold"]
     with pytest.raises(ValueError, match="same length"):
-        plots.plot_reconstructions({"a": (x, x[:2], [0.1])})
+        plots.plot_reconstructions({"a": (x, x[:2], [0.1], [True])})
     with pytest.raises(ValueError, match="empty"):
         plots.plot_reconstructions({})
     fig = plots.plot_roc({"attack": (np.array([0, 0.5, 1]), np.array([0, 0.7, 1]))}, {"bound": (1.0, 1e-5)})

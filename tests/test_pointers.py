@@ -99,3 +99,38 @@ def test_non_pointers_are_rejected():
     for function in (describe, fetch):
         with pytest.raises(TypeError, match="not a pointer"):
             function(torch.zeros(2))
+
+
+def test_pointer_operations_run_on_private_data_without_a_request(joe, ds):
+    """FL review 3: once the owner switches pointer operations on, a data scientist computes on the private
+    data without asking; only the result stays unreadable."""
+    private_ptr = ds.datasets["numbers"].assets["x"].pointer
+    requests_before = len(joe.client.requests.get_all())
+    mean_ptr = (private_ptr / 4).mean()
+    assert len(joe.client.requests.get_all()) == requests_before and not joe.pending_requests()
+    assert stored_on(joe, mean_ptr) == pytest.approx((PRIVATE / 4).mean())  # computed on the real data
+    with pytest.raises(PermissionError, match="has not given you permission"):
+        fetch(mean_ptr)
+
+
+def test_a_single_use_approval_pins_its_input_objects(joe, ds):
+    """FL review 4: ``syft_function_single_use`` pins the objects the owner saw in the review. The approved
+    function refuses another object of the data scientist's, and still runs on the pinned one."""
+    from secure_ai.datasites import sy
+    from secure_ai.remote import RemoteError, call
+
+    asset = ds.datasets["numbers"].assets["x"]
+    pinned, other = send(np.float32(2.0), ds), send(np.float32(100.0), ds)
+
+    def scaled_sum(x, factor):
+        return float(x.sum() * factor)
+
+    with quiet():
+        ds.code.request_code_execution(sy.syft_function_single_use(x=asset, factor=pinned)(scaled_sum))
+    assert f"factor = object {str(pinned.id.id)[:8]}" in joe.code_of("scaled_sum")
+    joe.approve("scaled_sum")
+    with pytest.raises(RemoteError, match="not in allowed inputs .the approval pins the objects"):
+        call(ds.code.scaled_sum, x=asset, factor=other)
+    assert joe.runs("scaled_sum") == 0
+    assert call(ds.code.scaled_sum, x=asset, factor=pinned) == pytest.approx(float(PRIVATE.sum()) * 2)
+    assert joe.runs("scaled_sum") == 1

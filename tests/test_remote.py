@@ -67,3 +67,7 @@ def test_syft_messages_lose_their_class_prefix_and_gain_a_hint():
         "Output policy is not valid (the owner approved a limited number of runs and they are used up)")
     hinted = remote.clean_message("is waiting for approval")
     assert hinted == "is waiting for approval (the owner has not reviewed this request yet)"
+    pinned = remote.clean_message("Input with uid: 921f for `weights` not in allowed inputs: {ServerIdentity "
+                                  "<name=joe, id=8ff3>: {'images': <UID: bbde>, 'weights': <UID: 6157>}}")
+    assert pinned == ("Input with uid: 921f for `weights` not in allowed inputs "
+                      "(the approval pins the objects this function may run on)")

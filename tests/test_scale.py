@@ -80,6 +80,7 @@ def test_weights_are_the_survivors_counts_and_drops_are_recorded():
     assert record.answered == {"a": 100, "c": 300}
     assert record.weights == {"a": 0.25, "c": 0.75}
     assert record.dropped == {"b": "ConnectionError: server went away"} and record.late == []
+    assert set(record.failed_after) == {"b"} and 0 <= record.failed_after["b"] < 1
     assert scale.dropouts(fed.records) == {"b": [1]}
 
 
@@ -128,6 +129,65 @@ def test_a_deadline_that_passes_does_not_hang_and_the_straggler_comes_back():
     assert log["fast"]["seed"] == RECIPE["seed"] and log["fast"]["vector"].shape == (SIZE,)
 
 
+def test_a_round_with_fewer_answers_than_the_minimum_keeps_the_model():
+    """FL review 20 (M9): survivor-only averaging weights the model toward the owners who answer; with
+    ``min_answers`` a round that too few answered keeps the previous model, and FedAvgM's velocity."""
+    good = fixed(np.full(SIZE, 2.0), 30)
+    w0 = np.zeros(SIZE, np.float32)
+    strict = scale.Federation({"good": good, "down": failing}, min_answers=2)
+    kept, record = strict.round(w0, RECIPE)
+    np.testing.assert_array_equal(kept, w0)
+    assert record.applied is False and record.skipped == "1 answer, 2 needed"
+    assert record.answered == {"good": 30} and "down" in record.dropped
+    assert record.row()["global model"] == "kept (1 answer, 2 needed)"
+    lenient, record = scale.Federation({"good": good, "down": failing}).round(w0, RECIPE)
+    np.testing.assert_array_equal(lenient, np.full(SIZE, 2.0, np.float32))      # the survivor's update alone
+    assert record.applied is True and record.row()["global model"] == "averaged"
+    # FedAvgM: a kept round leaves the velocity alone (rounds 1 and 3 step as two consecutive rounds would)
+    answers = iter([fixed(np.ones(SIZE), 5), failing, fixed(np.full(SIZE, 2.0), 5)])
+    flaky = lambda message: next(answers)(message)
+    fed = scale.Federation({"a": flaky, "b": fixed(np.ones(SIZE), 5)}, min_answers=2, server_momentum=0.5)
+    w1, _ = fed.round(w0, RECIPE)                   # v = -1; w1 = 1
+    w2, record = fed.round(w1, RECIPE)              # a fails: kept
+    w3, _ = fed.round(w2, RECIPE)                   # v = 0.5 * -1 + (1 - 1.5) = -1; w3 = 2
+    np.testing.assert_allclose(w1, 1.0)
+    np.testing.assert_array_equal(w2, w1)
+    assert record.applied is False
+    np.testing.assert_allclose(w3, 2.0)
+
+
+def test_a_late_answer_is_received_and_left_out():
+    """FL review 21 (M10): an answer that comes after the deadline reaches the data scientist (it is
+    released, and counts for DP), but it never enters an average."""
+    release = threading.Event()
+
+    def slow(message):
+        release.wait(60)
+        return fixed(np.full(SIZE, 100.0), 77)(message)
+
+    slow.max_samples = 77
+    fed = scale.Federation({"fast": fixed(np.ones(SIZE), 10), "slow": slow}, deadline=0.3)
+    new, record = fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    np.testing.assert_array_equal(new, np.ones(SIZE, np.float32))
+    assert record.late == ["slow"] and record.late_received == {}
+    release.set()
+    assert fed.settle(timeout=5) == []
+    assert record.late_received == {"slow": 77}
+    np.testing.assert_array_equal(new, np.ones(SIZE, np.float32))     # still out of round 1's average
+    assert "received but not averaged" in record.row()["dropped"]
+    newer, record2 = fed.round(new, RECIPE)                             # both answer round 2 in time
+    assert record2.answered == {"fast": 10, "slow": 77} and record2.late_received == {}
+    # a late answer found by the next round (without settle) is recorded in its own round too
+    gate = threading.Event()
+    late_again = lambda message: (gate.wait(60), fixed(np.zeros(SIZE), 5)(message))[1]
+    fed = scale.Federation({"fast": fixed(np.ones(SIZE), 10), "late": late_again}, deadline=0.3)
+    fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    gate.set()
+    time.sleep(0.2)
+    fed.round(np.zeros(SIZE, np.float32), RECIPE)
+    assert fed.records[0].late_received == {"late": 5} and fed.records[1].answered == {"fast": 10, "late": 5}
+
+
 def test_a_round_where_everybody_fails_keeps_the_model():
     fed = scale.Federation({"a": failing, "b": failing})
     w0 = np.arange(SIZE, dtype=np.float32)
@@ -166,6 +226,9 @@ def test_server_momentum_is_fedavgm():
     ({"fraction": 0}, r"fraction .* \(0, 1\]"),
     ({"fraction": 1.5}, r"fraction"),
     ({"server_momentum": 1.0}, "server_momentum"),
+    ({"min_answers": 0}, "min_answers"),
+    ({"min_answers": 2}, "asks only 1 owner"),
+    ({"trainers": {"a": failing, "b": failing}, "fraction": 0.5, "min_answers": 2}, "asks only 1 owner"),
     ({"trainers": {"a": "not callable"}}, "callable"),
 ])
 def test_bad_settings_raise_clear_errors(kwargs, match):
@@ -218,7 +281,7 @@ def left_behind(owner, pid):
 
 @pytest.fixture(scope="module")
 def web_owner():
-    with http_owner("scale-a", 0, 200) as (owner, client, _):
+    with http_owner("scale-a", 0, 200, runs=8) as (owner, client, _):
         yield owner, client
 
 
@@ -257,3 +320,37 @@ def test_a_server_killed_mid_round_leaves_a_completed_round_and_a_record(web_own
         newer, record2 = fed.round(new, RECIPE)
         assert record2.answered == {"a": 200} and "victim" in record2.dropped
         assert scale.dropouts(fed.records) == {"victim": [1, 2]} and not np.allclose(newer, new)
+
+
+def test_a_round_without_deadline_survives_a_frozen_owner(web_owner):
+    """FL review 32 (M8): a frozen owner (SIGSTOP: the kernel still accepts its connections, as a cut-off
+    machine would leave a request unanswered) costs a round without deadline the data scientist's HTTP
+    timeout, not forever. A killed local process would have failed in milliseconds instead."""
+    from secure_ai import remote
+
+    owner_a, client_a = web_owner
+    images, labels = data.mnist_raw(True)
+    fed = scale.Federation({"a": scale.remote_trainer(client_a, "train_local_epoch"),
+                            "local": scale.local_trainer(scale.train_local_epoch, images[:64], labels[:64])})
+    remote.set_http_timeout(client_a, 2)
+    datasites.pause_owner(owner_a)
+    try:
+        tic = time.perf_counter()
+        new, record = fed.round(start_vector(4), RECIPE)
+        took = time.perf_counter() - tic
+    finally:
+        datasites.resume_owner(owner_a)
+        remote.set_http_timeout(client_a, None)
+    assert took < 15 and record.answered == {"local": 64} and record.late == [], record
+    assert record.dropped["a"].startswith("RemoteTimeout"), record.dropped
+    assert 2 <= record.failed_after["a"] < 10, record.failed_after
+
+
+def test_owner_memory_is_its_share_not_its_resident_set(web_owner):
+    """FL review 38 (M11): an owner server forked from this process shares most of its pages with it. Its
+    memory is read as PSS (each shared page split among the processes that map it), well below its RSS,
+    which counts every shared page in full again for every owner."""
+    owner, _ = web_owner
+    share = datasites.memory_mb(owner)
+    resident = datasites.server_process(owner).memory_info().rss / 1e6
+    assert 10 < share < 0.8 * resident, (share, resident)

@@ -18,12 +18,12 @@ L1, machine learning and maths, offline (no syft; code that runs on a datasite i
 * :mod:`secure_ai.privacy` - noise mechanisms, accounting and ledgers, the DP bound on attacks (Part 3)
 * :mod:`secure_ai.dp_sgd` - DP-SGD with Opacus (Part 3)
 * :mod:`secure_ai.features` - handcrafted ScatterNet features, normalized per image, for DP-SGD (Part 3)
-* :mod:`secure_ai.attacks` - what one update leaks: gradients, labels, gradient inversion, SSIM/PSNR (Part 5)
-* :mod:`secure_ai.membership` - what a trained model leaks: membership inference, ROC, margins (Part 5)
+* :mod:`secure_ai.attacks` - what one update leaks: labels, gradient inversion, identification (Part 6)
+* :mod:`secure_ai.membership` - what a trained model leaks: membership inference, its targets, ROC (Part 6)
 * :mod:`secure_ai.costs` - time, bytes and error each protection costs per round (Parts 5, 6)
 * :mod:`secure_ai.secret_sharing` - fixed point, additive sharing, key agreement, pairwise masks (Part 4)
 * :mod:`secure_ai.encryption` - CKKS encryption of model updates, and a key holder that checks sums (Part 5)
-* :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 5)
+* :mod:`secure_ai.imprint` - what one MLP update gives away in closed form: analytic, imprint weights (Part 6)
 
 L2, the syft gateway (import syft through :mod:`secure_ai.datasites`):
 
@@ -40,7 +40,7 @@ L3, one workflow per chapter:
 * :mod:`secure_ai.dp_fedavg` - federated DP-SGD, record-level DP per owner: policies, checks, budgets (Part 3)
 * :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
 * :mod:`secure_ai.aggregator` - the aggregator's side: a secure round, and rounds run in process (Part 4)
-* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 6)
+* :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 7)
 
 Notebooks import modules under the same short names: ``from secure_ai import federated as fl``,
 ``training as tr``, ``privacy as dp``, ``secret_sharing as ss``, ``encryption as he`` and

@@ -3,7 +3,7 @@
 :func:`secure_round` runs one round of double masking (mask, confirm, unmask) by calling each owner's
 approved functions of :mod:`secure_ai.secagg`, and :func:`unmask` removes the masks from what came back.
 :func:`masked_average` and :func:`ckks_average` run one round of each protocol in one process, the owners'
-functions called directly, to measure what the aggregator receives (Part 6, ``benchmarks/``). There each
+functions called directly, to measure what the aggregator receives (Part 6, Appendix A, ``benchmarks/``). There each
 owner is handed an update already made, the same message for all: the model binding of
 :mod:`secure_ai.secagg` cannot see which model an update came from, so these rounds show what the
 aggregator would receive *without* it, when it sends different models.
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from . import secret_sharing as ss
+from .runtime import release_memory
 from .secagg import make_config, owner_confirm, owner_encrypt, owner_mask, owner_unmask, unwrap
 
 
@@ -198,4 +199,8 @@ def ckks_average(vectors: Sequence, counts: Sequence[int],
         submissions = {name: unwrap(name, owners.encrypt(name, (np.asarray(v, dtype=np.float64), int(n)),
                                                          request))
                        for name, v, n in zip(names, vectors, counts)}
-    return holder.decrypt_average(0, submissions)
+    try:
+        return holder.decrypt_average(0, submissions)
+    finally:
+        del submissions
+        release_memory()  # the ciphertexts: hundreds of MB for the series' MLP

@@ -5,8 +5,9 @@
   al. 2020; with counts for larger batches, as in Wainakh et al. 2022)
 * images: :func:`invert_gradient` optimises dummy digits until their gradient matches (DLG, Zhu et al. 2019,
   with the cosine distance and total-variation prior of Geiping et al. 2020)
-* quality: :func:`ssim` and :func:`psnr`, :func:`match_reconstructions` pairs each
-  original digit with its best reconstruction
+* grading: :func:`identify` says whether a reconstruction singles out its digit among a pool of digits of
+  the same class (DP review 5.3); :func:`grade_reconstructions` pairs reconstructions with the originals
+  (:func:`match_reconstructions`) and reports identification, PSNR and SSIM (:func:`psnr`, :func:`ssim`)
 
 What a trained model leaks (membership inference) is in :mod:`secure_ai.membership`. Everything is seeded:
 the same inputs give the same numbers.
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -242,44 +244,96 @@ def psnr(reconstructed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
     return (10 * torch.log10(1 / mse)).float()
 
 
+def _pixel_rows(images) -> np.ndarray:
+    """Digits as float64 rows of pixel intensities: raw uint8 (N, 28, 28) / 255, or normalized floats
+    (N, 1, 28, 28) mapped back without clipping (an affine map: it keeps every ranking by distance)."""
+    if isinstance(images, np.ndarray) and images.dtype == np.uint8 or (
+            isinstance(images, torch.Tensor) and images.dtype == torch.uint8):
+        rows = np.asarray(images, dtype=np.float64) / 255.0
+    else:
+        array = images.detach().cpu().numpy() if isinstance(images, torch.Tensor) else np.asarray(images)
+        rows = array.astype(np.float64) * MNIST_STD + MNIST_MEAN
+    if rows.ndim < 2 or rows[0].size != 28 * 28:
+        raise ValueError(f"expected digits of 784 pixels, got shape {rows.shape}")
+    return np.nan_to_num(rows.reshape(len(rows), -1), nan=1e6, posinf=1e6, neginf=-1e6)
+
+
+def identify(reconstructed, original, labels, pool_images, pool_labels) -> tuple[np.ndarray, np.ndarray]:
+    """Does each reconstruction point to *its* digit, not just to the class? ``(identified, rank)``.
+
+    ``reconstructed[i]`` is paired with ``original[i]`` of class ``labels[i]``. The pool holds other digits
+    (say MNIST's test set, about 1,000 per class, which no owner holds). A reconstruction **identifies** its
+    digit when it is closer to it (mean squared error in pixel space) than to every pool digit of the same
+    class; ``rank`` is 1 plus the number of those pool digits at least as close. A guess, an all-black
+    image or the class's average image is identified about once in a thousand. Images are raw uint8 or
+    normalized; a pool digit equal to the original (the pool holds it) does not count.
+    """
+    found, true, pool = _pixel_rows(reconstructed), _pixel_rows(original), _pixel_rows(pool_images)
+    labels, pool_labels = np.asarray(labels).ravel(), np.asarray(pool_labels).ravel()
+    if not len(found) == len(true) == len(labels) or len(pool) != len(pool_labels):
+        raise ValueError(f"need as many reconstructions, originals and labels ({len(found)}, {len(true)}, "
+                         f"{len(labels)}), and a label per pool digit ({len(pool)}, {len(pool_labels)})")
+    rank = np.ones(len(found), dtype=np.int64)
+    for c in np.unique(labels):
+        rows, others = np.flatnonzero(labels == c), pool[pool_labels == c]
+        if len(others) == 0:
+            raise ValueError(f"the pool holds no digit of class {c}: nothing to tell the digit apart from")
+        norms = (others ** 2).sum(1)[None]
+        squared = (found[rows] ** 2).sum(1)[:, None] + norms - 2 * found[rows] @ others.T
+        itself = (true[rows] ** 2).sum(1)[:, None] + norms - 2 * true[rows] @ others.T < 1e-9  # in the pool
+        own = ((found[rows] - true[rows]) ** 2).sum(1)[:, None]
+        rank[rows] += ((squared <= own + 1e-9 * (1 + own)) & ~itself).sum(1)
+    return rank == 1, rank
+
+
 def match_reconstructions(reconstructed: torch.Tensor,
                           original: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Pair each original digit with one reconstruction (the attack does not know the order).
 
-    Solves the assignment that maximises the total SSIM (Hungarian method); reconstructions may be fewer
-    or more than originals (then some originals, or reconstructions, stay unpaired: their SSIM is 0).
-    Returns ``(index of the reconstruction paired with each original or -1, SSIM of each original)``.
+    Solves the assignment with the least total mean squared error (Hungarian method), the attacker's best
+    case. With fewer reconstructions than originals, the originals left over are paired with an all-black
+    image (index -1). Returns ``(index of the reconstruction paired with each original, or -1; its PSNR)``.
     """
     from scipy.optimize import linear_sum_assignment
 
     check_images(reconstructed, "reconstructed")
     check_images(original, "original")
-    r, o = len(reconstructed), len(original)
-    scores = ssim(reconstructed.repeat_interleave(o, 0), original.repeat(r, 1, 1, 1)).reshape(r, o)
-    rows, cols = linear_sum_assignment(scores.numpy(), maximize=True)
-    index, quality = torch.full((o,), -1), torch.zeros(o)
-    index[cols], quality[cols] = torch.as_tensor(rows), scores[rows, cols]
-    return index, quality
+    x, y = to_pixels(reconstructed).double().flatten(1), to_pixels(original).double().flatten(1)
+    squared = ((y[:, None, :] - x[None, :, :]) ** 2).mean(2)      # originals x reconstructions
+    rows, cols = linear_sum_assignment(squared.numpy())
+    index = torch.full((len(original),), -1)
+    index[torch.as_tensor(rows)] = torch.as_tensor(cols)
+    mse = (y ** 2).mean(1)                                         # an all-black image, for the unpaired
+    mse[torch.as_tensor(rows)] = squared[rows, cols]
+    return index, (10 * torch.log10(1 / mse)).float()
 
 
-def same_class_ssim(images: torch.Tensor, labels: torch.Tensor, pairs: int = 2000, seed: int = 0):
-    """SSIM between two *different* digits of the same class, for ``pairs`` random pairs.
+@dataclass
+class Graded:
+    """A batch of reconstructions graded against the owner's digits (:func:`grade_reconstructions`)."""
 
-    The yardstick for a reconstruction: one that resembles the owner's digit more than almost any other
-    writer's digit of the same class did rebuild *that* digit, not just "a 3".
+    summary: dict            # label accuracy, identified, digits, median rank, mean/best PSNR, mean/best SSIM
+    paired: torch.Tensor     # the reconstruction paired with each original (all-black where none)
+    psnr: torch.Tensor       # of each original with its reconstruction, dB
+    identified: np.ndarray   # each original: singled out among the pool digits of its class
+
+
+def grade_reconstructions(guessed, rebuilt: torch.Tensor, original: torch.Tensor, true_labels,
+                          pool_images, pool_labels) -> Graded:
+    """Owner side: how much of a batch an attack gave back.
+
+    Pairs each original with a reconstruction (:func:`match_reconstructions`), then reports the share of
+    labels the attacker read right (``guessed`` against ``true_labels``), how many digits are identified
+    among the pool (:func:`identify`), the median rank, and mean and best PSNR and SSIM.
     """
-    check_images(images)
-    labels = torch.as_tensor(labels)
-    rng = np.random.default_rng(seed)
-    by_class = [np.flatnonzero(labels.numpy() == c) for c in np.unique(labels.numpy())]
-    by_class = [idx for idx in by_class if len(idx) >= 2]
-    if not by_class:
-        raise ValueError("need at least two digits of one class")
-    first, second = [], []
-    for _ in range(pairs):
-        idx = by_class[rng.integers(len(by_class))]
-        a, b = rng.choice(idx, 2, replace=False)
-        first.append(a)
-        second.append(b)
-    return ssim(images[first], images[second])
-
+    index, quality = match_reconstructions(rebuilt, original)
+    black = torch.full_like(original[:1], PIXEL_LOW)
+    paired = torch.cat([rebuilt, black])[index]                    # index -1: the all-black image
+    identified, rank = identify(paired, original, true_labels, pool_images, pool_labels)
+    similarity = ssim(paired, original)
+    summary = {"label accuracy": label_accuracy(torch.as_tensor(guessed), torch.as_tensor(true_labels)),
+               "identified": int(identified.sum()), "digits": len(original),
+               "median rank": float(np.median(rank)), "mean PSNR": quality.mean().item(),
+               "best PSNR": quality.max().item(), "mean SSIM": similarity.mean().item(),
+               "best SSIM": similarity.max().item()}
+    return Graded(summary, paired, quality, identified)

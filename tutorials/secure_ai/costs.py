@@ -2,6 +2,7 @@
 
 * :func:`best_time`: the fastest of a few runs of a function (a busy machine only ever adds time)
 * :func:`round_costs`: plain FedAvg, DP-SGD, pairwise masks and CKKS, timed without syft
+* :func:`local_update`: the owner's work those costs time (Part 6 and ``benchmarks/privacy_table.py``)
 * :func:`compare_methods`: plain FedAvg, double masking and CKKS on one round of real updates: the work each
   adds, the bytes each owner sends, and the error of each on the average (Part 5's comparison)
 """
@@ -26,6 +27,25 @@ def best_time(function: Callable[[], object], repeat: int = 3) -> tuple[float, o
         result = function()
         best = min(best, time.perf_counter() - tic)
     return best, result
+
+
+def local_update(images: torch.Tensor, labels: torch.Tensor, private: bool, seed: int = 0,
+                 hidden: int = 128, noise_multiplier: float = 2.0, dp_batch: int = 100) -> torch.Tensor:
+    """One owner's local epoch of an MLP on ``images``: plain SGD (batches of 32), or DP-SGD when
+    ``private`` (Poisson batches of ``dp_batch``, clip 1, ``noise_multiplier``). Returns the flat weights it
+    would send."""
+    from .dp_sgd import make_private
+    from .training import MLP, model_to_vector, set_seed, train_epoch
+
+    set_seed(seed)
+    net = MLP(hidden=hidden)
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.05)
+    if private:
+        make_private(net, optimizer, images, labels, batch_size=dp_batch, max_grad_norm=1.0,
+                     noise_multiplier=noise_multiplier).train_epoch(progress=False)
+    else:
+        train_epoch(net, images, labels, optimizer, batch_size=32, seed=seed, progress=False)
+    return model_to_vector(net)
 
 
 def round_costs(local_update: Callable[[bool], torch.Tensor], n_samples: int, n_owners: int = 3,

@@ -327,13 +327,15 @@ class KeyHolder:
         if self.rounds_decrypted >= self.max_rounds:
             raise ValueError(f"the key holder was sized for {self.max_rounds} rounds ({self.n_decryptions} "
                              "decryptions) and decrypted them all: its noise does not cover more")
-        encrypted = [EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
-                     for item in submissions.values()]
-        sized = ciphertexts_for(self.length)
-        if any(e.length != self.length + 1 or len(e.chunks) != sized or e.chunks[-1].size() != 1
-               for e in encrypted):
-            raise ValueError(f"updates must have {self.length} weights and a count of their own, as sized")
+        sized, total = ciphertexts_for(self.length), None
+        for item in submissions.values():  # one owner's ciphertexts at a time: a third of the memory
+            encrypted = EncryptedVector.from_bytes(self.context, bytes(item["encrypted"]))
+            if (encrypted.length != self.length + 1 or len(encrypted.chunks) != sized
+                    or encrypted.chunks[-1].size() != 1):
+                raise ValueError(f"updates must have {self.length} weights and a count of their own, as "
+                                 "sized")
+            total = encrypted if total is None else total + encrypted
         self.last_round, self.rounds_decrypted = int(round_number), self.rounds_decrypted + 1
-        values = aggregate(encrypted).decrypt(self.context)
+        values = total.decrypt(self.context)
         noise = np.random.default_rng(secrets.randbits(128)).normal(0, self.flood_sigma, values.size)
         return decode_weighted(values + noise)   # noise flooding, then the count's rounding

@@ -102,17 +102,21 @@ class ScatterNet(nn.Module):
             features = ((raw - mean) / torch.sqrt(variance + 1e-5) * (variance > 0)).reshape(-1, N_FEATURES)
         return _round_compact(features) if self.compact else features
 
+    def _chunked(self, pixels: torch.Tensor) -> torch.Tensor:
+        # CHUNK images at a time: kymatio's intermediates for 2,000 digits at once are about 0.4 GB
+        return torch.cat([self._transform(pixels[i:i + CHUNK]) for i in range(0, len(pixels), CHUNK)])
+
     @torch.no_grad()
     def forward(self, images) -> torch.Tensor:
         pixels = _pixels(images)
         if self.memo is None:
-            rows = self._transform(pixels)
+            rows = self._chunked(pixels)
         else:
             keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in pixels]
             new = list(dict.fromkeys(k for k in keys if k not in self.memo))
             if new:
                 index = {k: i for i, k in enumerate(keys)}
-                for key, row in zip(new, self._transform(pixels[[index[k] for k in new]])):
+                for key, row in zip(new, self._chunked(pixels[[index[k] for k in new]])):
                     self.memo[key] = row.clone()
             rows = torch.stack([self.memo[k] for k in keys])
         return rows.float() * COMPACT_SCALE if self.compact else rows

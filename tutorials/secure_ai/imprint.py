@@ -22,15 +22,16 @@ The MLP is 784 -> ``hidden`` -> ReLU -> 10 (:class:`secure_ai.training.MLP`). Fo
 Owner side, for measuring: Part 2's approved functions with its bounds as they hold (a full batch of
 ``batch_size`` digits from a seeded permutation, no wrap-around, only full batches in an epoch: the index
 helpers of :mod:`secure_ai.training`; :func:`one_batch`, :func:`local_epoch`), the same step with DP-SGD
-(:func:`dp_one_batch`), and what the aggregator receives from a round of Part 4's double masking or CKKS is
-simulated in :mod:`secure_ai.aggregator` (``masked_average``, ``ckks_average``). Grading (:func:`grade`)
-compares reconstructions with the owners' digits.
+(:func:`dp_one_batch`), and what the aggregator receives from a round of Part 4's double masking or Part 5's
+CKKS is simulated in :mod:`secure_ai.aggregator` (``masked_average``, ``ckks_average``). Grading
+(:func:`grade`) compares reconstructions with the owners' digits.
 """
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from .attacks import identify
 from .data import MNIST_STD, normalize
 from .training import MLP, batch_indices, model_to_vector, train_epoch, vector_to_model
 
@@ -170,22 +171,20 @@ def grade(reconstructed, digits, labels, pool, pool_labels) -> dict:
     Pairs minimise the total L2 distance (Hungarian matching). A digit is **exact** when its reconstruction
     is within :data:`PIXEL_EXACT` of it on every pixel of [0, 1], and **identified** when the
     reconstruction is closer to it than to any digit of the same class in ``pool`` (public digits, e.g. the
-    MNIST test set). Images are raw uint8 or normalized. ``errors`` holds each digit's max pixel error
-    (``inf`` for a digit left without a reconstruction).
+    MNIST test set; :func:`secure_ai.attacks.identify`). Images are raw uint8 or normalized. ``errors``
+    holds each digit's max pixel error (``inf`` for a digit left without a reconstruction).
     """
     from scipy.optimize import linear_sum_assignment
 
-    x, labels, pool_labels, pool = _flat(digits), np.asarray(labels), np.asarray(pool_labels), _flat(pool)
+    x, labels = _flat(digits), np.asarray(labels)
     errors = np.full(len(x), np.inf)  # each digit's max pixel error (on [0, 1]) to its reconstruction
     identified = 0
     if len(reconstructed):
         found = np.nan_to_num(_flat(reconstructed), nan=1e6, posinf=1e6, neginf=-1e6)
         squared = (x**2).sum(1)[:, None] + (found**2).sum(1)[None] - 2 * x @ found.T
-        for i, j in zip(*linear_sum_assignment(np.sqrt(np.maximum(squared, 0)))):
-            errors[i] = np.abs(found[j] - x[i]).max() * MNIST_STD
-            others = pool[pool_labels == labels[i]]
-            others = others[np.abs(others - x[i]).max(1) > 0]  # the digit itself, should the pool hold it
-            identified += np.linalg.norm(found[j] - x[i]) < np.linalg.norm(others - found[j], axis=1).min()
+        rows, cols = linear_sum_assignment(np.sqrt(np.maximum(squared, 0)))
+        errors[rows] = np.abs(found[cols] - x[rows]).max(1) * MNIST_STD
+        identified = identify(found[cols], x[rows], labels[rows], pool, pool_labels)[0].sum()
     return {"digits": len(x), "exact": int((errors < PIXEL_EXACT).sum()), "identified": int(identified),
             "median error": float(np.median(errors)), "errors": errors}
 
@@ -224,7 +223,7 @@ def local_epoch(vector, images, labels, *, lr: float, batch_size: int, seed: int
 
 def dp_one_batch(vector, images, labels, *, lr: float, batch_size: int, noise_multiplier: float,
                  max_grad_norm: float, batch: int = 0, seed: int = 0, hidden: int = HIDDEN) -> np.ndarray:
-    """``one_batch`` with DP-SGD (Opacus, as Part 5's ``dp_step``): each digit's gradient clipped to
+    """``one_batch`` with DP-SGD (Opacus, as Part 6's ``dp_step``): each digit's gradient clipped to
     ``max_grad_norm``, Gaussian noise of std ``noise_multiplier * max_grad_norm`` on their sum, divided by
     ``batch_size``. The noise comes from :func:`secure_ai.dp_sgd.make_private`'s generator, seeded by the
     operating system, never from the caller."""

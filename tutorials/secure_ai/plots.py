@@ -1,8 +1,8 @@
 """Every figure of the series: what a reader would rather look at than read.
 
-Digits, label histograms and learning curves (Parts 1-2, 6); noisy answers and privacy against utility
+Digits, label histograms and learning curves (Parts 1-2, 7); noisy answers and privacy against utility
 (Part 3); top bytes of shares and masked vectors, and the flooding noise (Parts 4-5); reconstructions and
-membership ROC curves with the DP bound (Part 5); label shares per owner.
+membership ROC curves with the DP bound (Part 6); label shares per owner.
 """
 from __future__ import annotations
 
@@ -175,24 +175,27 @@ def plot_noise(errors, sigma: float, xlabel: str, title: str | None = None, ax=N
     return ax.figure
 
 
-# --- Part 5: attacks --------------------------------------------------------------------------------------
-def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float | None = None):
-    """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, ssim)}``.
+# --- Part 6: attacks --------------------------------------------------------------------------------------
+def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8):
+    """Originals above reconstructions, one block per attack: ``{title: (originals, rebuilt, psnr,
+    identified)}``.
 
-    ``rebuilt[i]`` is the reconstruction paired with ``originals[i]`` and ``ssim[i]`` its quality (shown
-    above it; in bold where it reaches ``threshold``). Shows at most ``n`` digits per row.
+    ``rebuilt[i]`` is the reconstruction paired with ``originals[i]``, ``psnr[i]`` its PSNR in dB (shown above
+    it) and ``identified[i]`` whether it singles out that digit (:func:`secure_ai.attacks.identify`: then the
+    PSNR is in bold, with a tick). Shows at most ``n`` digits per row.
     """
     if not rows:
-        raise ValueError("rows is empty: pass {title: (originals, reconstructions, ssim)}")
+        raise ValueError("rows is empty: pass {title: (originals, reconstructions, psnr, identified)}")
     cols = min(n, max(len(r[0]) for r in rows.values()))
     cell, gap, title_h, label_h = 0.85, 0.1, 0.3, 0.22  # inches
     block = title_h + 2 * cell + label_h + 0.15
     width, height = max(cols * (cell + gap) + gap, 5.0), len(rows) * block
     fig = plt.figure(figsize=(width, height))
-    for k, (title, (originals, rebuilt, quality)) in enumerate(rows.items()):
+    for k, (title, (originals, rebuilt, psnr, identified)) in enumerate(rows.items()):
         originals, rebuilt = torch.as_tensor(originals), torch.as_tensor(rebuilt)
-        if len(originals) != len(rebuilt) or len(originals) != len(quality):
-            raise ValueError(f"{title!r}: originals, reconstructions and ssim must have the same length")
+        if not len(originals) == len(rebuilt) == len(psnr) == len(identified):
+            raise ValueError(f"{title!r}: originals, reconstructions, psnr and identified must have the same "
+                             "length")
         top = height - k * block
         fig.text(gap / width, (top - 0.22) / height, title, fontsize=9)
         for i in range(min(cols, len(originals))):
@@ -202,8 +205,9 @@ def plot_reconstructions(rows: Mapping[str, tuple], n: int = 8, threshold: float
                 ax = fig.add_axes((left, bottom / height, cell / width, cell / height))
                 ax.imshow(image.reshape(28, 28) * MNIST_STD + MNIST_MEAN, cmap="gray_r", vmin=0, vmax=1)
                 ax.axis("off")
-            strong = threshold is not None and float(quality[i]) >= threshold
-            ax.set_title(f"{float(quality[i]):.2f}", fontsize=8, fontweight="bold" if strong else "normal")
+            mark = bool(identified[i])
+            ax.set_title(f"{float(psnr[i]):.0f} dB" + (" \u2713" if mark else ""), fontsize=8,
+                         fontweight="bold" if mark else "normal")
     return fig
 
 

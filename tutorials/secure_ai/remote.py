@@ -69,7 +69,7 @@ class RemoteError(RuntimeError):
 
 
 class RemoteTimeout(RemoteError, TimeoutError):
-    """An HTTP datasite accepted a call and did not answer within the HTTP timeout (syft_patches fix 10)."""
+    """An HTTP datasite accepted a call and did not answer within the HTTP timeout (syft_patches fix 11)."""
 
 
 def _timed_out(error: Exception) -> RemoteTimeout:
@@ -88,12 +88,16 @@ def _timeout_is_a_remote_error():
 _HINTS = {
     "Output policy is not valid": "the owner approved a limited number of runs and they are used up",
     "waiting for approval": "the owner has not reviewed this request yet",
+    "not in allowed inputs": "the approval pins the objects this function may run on",
 }
+# syft's refusal of an input the approval did not pin ends with every pinned id, per datasite: left out
+_PINNED_IDS = re.compile(r"(not in allowed inputs):\s*\{.*\}$", re.S)
 
 
 def clean_message(message: str) -> str:
     """syft's public message without its "<class ...>" prefix, with a hint where we know what it means."""
     message = re.sub(r"^<class '[^']+'>\s*", "", str(message)).strip()
+    message = _PINNED_IDS.sub(r"\1", message)
     hints = [hint for key, hint in _HINTS.items() if key in message]
     return f"{message} ({hints[0]})" if hints else message
 

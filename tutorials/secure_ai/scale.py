@@ -1,4 +1,4 @@
-"""Part 6's workflow: rounds at scale, owners trained at once, a deadline per round, dropouts recorded.
+"""Part 7's workflow: owners trained at once, a deadline per round, a minimum of answers, dropouts recorded.
 
 A :class:`Federation` holds one *trainer* per data owner: a callable ``message -> reply``. For a real owner
 it is :func:`remote_trainer` (an approved syft function on the owner's datasite, in-process or over HTTP);
@@ -6,8 +6,14 @@ for a cheap simulation it is :func:`local_trainer` (the same training function r
 through the same round: dispatch to a sample of owners at once (one daemon thread per call: syft's client
 calls are blocking HTTP), wait until every sampled owner answered or the deadline passed, check every reply,
 and average the valid ones weighted by their sample counts (FedAvg), optionally with server momentum
-(FedAvgM, Hsu et al. 2019). Each round leaves a :class:`RoundRecord`: who was asked, who answered with how
-many samples, who was dropped and why, whose answer came too late.
+(FedAvgM, Hsu et al. 2019). A round with fewer valid answers than ``min_answers`` keeps the previous model
+(Flower's ``FaultTolerantFedAvg`` sets it as a share, ``min_completion_rate_fit``). Each round leaves a
+:class:`RoundRecord`: who was asked, who answered with how many samples, who was dropped and why, whose
+answer came too late, and which late answers arrived afterwards (received by the data scientist, never
+averaged).
+
+Averaging only the owners who answer weights the model toward them (participation bias); ``min_answers``
+bounds how few may make a round.
 
 Threat model of the aggregation: owners are honest-but-unreliable (they crash, stall, come back), and a
 reply is untrusted input: a reply that is not a finite float32 vector of the model's size, or that claims
@@ -107,7 +113,13 @@ class RoundRecord:
     late: list[str] = field(default_factory=list)            # no answer by the deadline (a subset of dropped)
     seconds: float = 0.0
     owner_seconds: dict[str, float] = field(default_factory=dict)   # each answered call, as the caller saw it
+    failed_after: dict[str, float] = field(default_factory=dict)    # each call that raised: seconds to fail
     metrics: dict[str, dict] = field(default_factory=dict)   # the numbers in each valid reply (loss, ...)
+    applied: bool = True      # False: too few answers, the global model was kept as it was
+    skipped: str = ""         # why it was kept ("1 answer, 2 needed")
+    # late answers that arrived after the round (owner -> the sample count the reply claimed, or None): the
+    # data scientist received them, so they are released, but they never enter an average
+    late_received: dict[str, int | None] = field(default_factory=dict)
 
     @property
     def weights(self) -> dict[str, float]:
@@ -116,10 +128,13 @@ class RoundRecord:
         return {name: n / total for name, n in self.answered.items()}
 
     def row(self) -> dict:
-        """One table row: round, who answered, who dropped and why, seconds."""
+        """One table row: round, who answered, who dropped and why, the global model, seconds."""
+        dropped = {k: v + ("; its answer came later, received but not averaged" if k in self.late_received
+                           else "") for k, v in self.dropped.items()}
         return {"round": self.round, "sampled": len(self.sampled),
                 "answered (samples)": ", ".join(f"{k} ({v})" for k, v in self.answered.items()) or "-",
-                "dropped": "; ".join(f"{k}: {v}" for k, v in self.dropped.items()) or "-",
+                "dropped": "; ".join(f"{k}: {v}" for k, v in dropped.items()) or "-",
+                "global model": "averaged" if self.applied else f"kept ({self.skipped})",
                 "seconds": round(self.seconds, 2)}
 
 
@@ -145,6 +160,12 @@ def _reason(error: BaseException) -> str:
     text = str(error).strip().splitlines()[0] if str(error).strip() else ""
     text = text if len(text) <= 100 else text[:97] + "..."
     return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def _claimed_samples(reply) -> int | None:
+    """The sample count a (late) reply claims, unchecked: what the data scientist received."""
+    n = reply.get("n_samples") if isinstance(reply, Mapping) else None
+    return int(n) if isinstance(n, int | np.integer) and not isinstance(n, bool) else None
 
 
 def _run_in_thread(function: Callable, *args) -> Future:
@@ -176,14 +197,16 @@ class Federation:
     """The data scientist's view of N owners: concurrent rounds, a deadline, client sampling, a log.
 
     ``deadline`` (seconds, or ``None`` for none) bounds how long a round waits; ``fraction`` is McMahan's C,
-    the share of owners asked each round (at least one); ``server_momentum`` > 0 turns FedAvg into FedAvgM;
-    ``concurrent=False`` calls the owners one after another (for comparison). ``max_samples`` caps the
-    count each owner may claim (default: what its trainer declares, e.g. its dataset size).
+    the share of owners asked each round (at least one); ``min_answers``: a round with fewer valid answers
+    keeps the global model (and FedAvgM's velocity) as it was; ``server_momentum`` > 0 turns FedAvg into
+    FedAvgM; ``concurrent=False`` calls the owners one after another (for comparison). ``max_samples`` caps
+    the count each owner may claim (default: what its trainer declares, e.g. its dataset size).
     """
 
     def __init__(self, trainers: Mapping[str, Trainer], *, deadline: float | None = None,
-                 fraction: float = 1.0, server_momentum: float = 0.0, server_lr: float = 1.0,
-                 concurrent: bool = True, max_samples: Mapping[str, int] | None = None, seed: int = 0):
+                 fraction: float = 1.0, min_answers: int = 1, server_momentum: float = 0.0,
+                 server_lr: float = 1.0, concurrent: bool = True,
+                 max_samples: Mapping[str, int] | None = None, seed: int = 0):
         if not isinstance(trainers, Mapping) or not trainers:
             raise ValueError("a federation needs at least one data owner: pass {name: trainer}")
         for name, trainer in trainers.items():
@@ -194,12 +217,19 @@ class Federation:
             raise ValueError(f"deadline must be a positive number of seconds or None, got {deadline!r}")
         if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 < fraction <= 1:
             raise ValueError(f"fraction (owners asked per round) must be in (0, 1], got {fraction!r}")
+        if isinstance(min_answers, bool) or not isinstance(min_answers, int) or min_answers < 1:
+            raise ValueError(f"min_answers must be a positive integer, got {min_answers!r}")
+        asked = len(trainers) if fraction == 1.0 else max(1, round(fraction * len(trainers)))
+        if min_answers > asked:
+            raise ValueError(f"min_answers={min_answers} but each round asks only {asked} owner(s): every "
+                             "round would keep the model")
         if not 0 <= server_momentum < 1:
             raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be positive, got {server_lr!r}")
         self.trainers = dict(trainers)
         self.deadline, self.fraction, self.concurrent = deadline, float(fraction), concurrent
+        self.min_answers = min_answers
         self.server_momentum, self.server_lr = float(server_momentum), float(server_lr)
         self.max_samples = {name: getattr(t, "max_samples", None) for name, t in self.trainers.items()}
         self.max_samples |= dict(max_samples or {})
@@ -225,6 +255,7 @@ class Federation:
         vector = np.asarray(vector, dtype=np.float32)
         if vector.ndim != 1:
             raise ValueError(f"the global model must be a flat vector, got shape {vector.shape}")
+        self._collect_late()
         record = RoundRecord(round=len(self.records) + 1, sampled=self.sample())
         full = {**message, "vector": vector}
         tic = time.perf_counter()
@@ -256,6 +287,8 @@ class Federation:
                 update, n = _check_reply(reply, len(vector), self.max_samples.get(name))
             except Exception as error:  # noqa: BLE001 - an owner's failure is recorded, not raised
                 record.dropped[name] = _reason(error)
+                if hasattr(error, "secure_ai_seconds"):
+                    record.failed_after[name] = error.secure_ai_seconds
                 continue
             record.owner_seconds[name] = seconds
             record.metrics[name] = {k: float(v) for k, v in reply.items()
@@ -265,7 +298,10 @@ class Federation:
             counts.append(n)
         self.records.append(record)
         release_memory()  # the worker threads' malloc arenas keep what their calls freed
-        if not updates:
+        if len(updates) < self.min_answers:
+            record.applied = False
+            record.skipped = (f"{len(updates)} answer{'s' if len(updates) != 1 else ''}, "
+                              f"{self.min_answers} needed")
             return vector, record
         return self._apply(vector, fedavg(updates, counts).numpy()), record
 
@@ -274,7 +310,11 @@ class Federation:
 
     def _timed(self, name: str, message: Mapping):
         tic = time.perf_counter()
-        reply = self.trainers[name](message)
+        try:
+            reply = self.trainers[name](message)
+        except Exception as error:
+            error.secure_ai_seconds = time.perf_counter() - tic  # how long the failing call took
+            raise
         return reply, time.perf_counter() - tic
 
     def _apply(self, vector: np.ndarray, average: np.ndarray) -> np.ndarray:
@@ -296,12 +336,24 @@ class Federation:
         return step
 
     def settle(self, timeout: float = 30.0) -> list[str]:
-        """Wait up to ``timeout`` s for late answers still in flight; returns the owners still busy after."""
+        """Wait up to ``timeout`` s for late answers still in flight; returns the owners still busy after.
+
+        A late answer that arrives is recorded in its round's ``late_received`` (then dropped)."""
         pending = [f for _, f in self._in_flight.values()]
         with quiet():
             wait(pending, timeout=timeout)
-        self._in_flight = {k: v for k, v in self._in_flight.items() if not v[1].done()}
+        self._collect_late()
         return sorted(self._in_flight)
+
+    def _collect_late(self) -> None:
+        """Record the late calls that have finished since: an answer in its round's ``late_received``."""
+        for name, (round_number, future) in list(self._in_flight.items()):
+            if not future.done():
+                continue
+            del self._in_flight[name]
+            if future.exception() is None:
+                reply, _ = future.result()
+                self.records[round_number - 1].late_received[name] = _claimed_samples(reply)
 
     def table(self) -> list[dict]:
         """The log, one row per round (``pandas.DataFrame(federation.table())``)."""

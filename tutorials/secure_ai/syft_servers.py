@@ -19,7 +19,7 @@ process; :func:`install` replaces syft's ``serve_server`` and its HTTP client's 
    (``DataOwner.shutdown`` looks for it under the name's id, where only in-memory datasites keep theirs).
 7. Forked servers copy the kernel's memory. On Linux a server process is forked from the kernel and
    shares its memory until either side writes a page. Two things defeated the sharing, measured with
-   Part 6's three owners (PSS of kernel and servers after five rounds, PyPI's CUDA torch): 1.76 GB.
+   Part 7's three owners (PSS of kernel and servers after five rounds, PyPI's CUDA torch): 1.76 GB.
    (a) An owner's first training step makes torch import about 860 modules it loads lazily
    (``torch._dynamo``, sympy, ``torch.distributed``, ...): about 180 MB that every server loaded for
    itself. (b) The kernel's garbage collector, passing over objects the servers share with it, writes
