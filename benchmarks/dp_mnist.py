@@ -1,28 +1,35 @@
 """DP-SGD on MNIST at the state of the art: ScatterNet features, a linear classifier, 3 seeds, delta = 1e-5.
 
-Run from the repository root (about 5 minutes on a 2-core CPU, 15 at most on a busy one):
+Run from the repository root (about 6 minutes on a quiet 2-core CPU, 15 at most on a busy one):
 
-    SECURE_AI_DATA=/path/to/data .venv/bin/python benchmarks/dp_mnist.py [--seeds 3]
+    SECURE_AI_DATA=/path/to/data .venv/bin/python benchmarks/dp_mnist.py [--seeds 3] [--normalization dp]
 
 The recipe is that of Tramer & Boneh (2021): fixed ScatterNet features (kymatio; J = 2, 8 angles: 81 x 7 x 7
-numbers per digit), normalized per image (GroupNorm with 27 groups, each image on its own statistics, so
-nothing about the other digits leaks into the features and nothing is charged for them), then one linear
-layer trained with DP-SGD: Poisson batches of 4,096, clipping 0.1, SGD with momentum, Opacus's ghost
-clipping. The noise is the smallest that stays within epsilon = 3 after 40 epochs by the PRV accountant.
-Tramer & Boneh normalized with batch statistics computed under DP (sigma 8, charged) instead, and accounted
-with the classical RDP conversion.
+numbers per digit), then one linear layer trained with DP-SGD: Poisson batches of 4,096, clipping 0.1, SGD
+with momentum, Opacus's ghost clipping, 40 epochs. Two normalizations of the features, neither of which leaks:
+
+* ``--normalization dp`` (default; Tramer & Boneh's): each of the 81 channels is standardized with a mean and
+  a variance over the training set released under DP (``features.dp_channel_statistics``: each digit's channel
+  moments clipped, summed, Gaussian noise at ``--norm-noise`` times the clip). The release is charged: the
+  training's noise is the smallest for which the normalization and the training *together* stay within
+  epsilon = 3 by the PRV accountant. The clips (0.5 for the means, 0.25 for the mean squares) are fixed
+  constants, like the gradient clip.
+* ``--normalization per-image``: each digit's features on its own statistics (GroupNorm, 27 groups): no
+  statistics of other digits, nothing to charge.
 
 Printed: each seed's test accuracy after the last epoch (no picking the best epoch on test data), their mean
-and range; epsilon of the run three ways: PRV (Gopi et al. 2021; an upper bound within 0.01), Opacus's RDP
-(Mironov 2017, with the conversion of Balle et al. 2020), and the classical moments-accountant conversion
-eps = min_alpha RDP(alpha) + log(1 / delta) / (alpha - 1) (Abadi et al. 2016, Mironov 2017) that the
-papers of 2016-2021 used; the published anchors recomputed from their sigma, q and steps where those are
-published; run times, the load of the machine and the peak memory.
+and range; epsilon of the whole run three ways: PRV (Gopi et al. 2021; an upper bound within 0.01), Opacus's
+RDP (Mironov 2017, with the conversion of Balle et al. 2020), and the classical moments-accountant conversion
+that the papers of 2016-2021 used (``privacy.classical_epsilon``); the published anchors
+(``privacy.MNIST_ANCHORS``) recomputed from their sigma, q and steps where those are published; run times, the
+load of the machine and the peak memory.
+
+Reproducible: the sampling and the noise come from a generator seeded with the seed. That is right for a
+benchmark on a public dataset, and wrong on an owner's data, where ``make_private`` draws from the OS.
 """
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import resource
 import sys
@@ -39,57 +46,53 @@ from secure_ai import features as ft  # noqa: E402
 from secure_ai import privacy as dp  # noqa: E402
 from secure_ai.data import mnist_raw  # noqa: E402
 
-RECIPE = dict(batch_size=4096, lr=8.0, momentum=0.9, max_grad_norm=0.1, epochs=40, target_epsilon=3.0)
+RECIPE = dict(batch_size=4096, lr=8.0, momentum=0.9, max_grad_norm=0.1, epochs=40, target_epsilon=3.0,
+              norm_noise=20.0)
+NORM_CLIPS = dict(clip_mean=0.5, clip_square=0.25)  # constants, chosen like the gradient clip
 N_TRAIN = 60_000
 
-# Published MNIST results at delta = 1e-5: (name, test accuracy, epsilon as published, the runs as
-# (sigma, q, steps) where the paper or its code gives them, else None, and where the numbers come from).
-ANCHORS = [
-    ("Opacus README (10-run mean)", 0.9678, "3.01, now 2.91",
-     [(1.1, 240 / N_TRAIN, 60 * 250)],
-     "examples/mnist_README.md: sigma 1.1, batch 240 of 60,000, 60 epochs; printed (3.01, 1e-5) until "
-     "March 2021, (2.91, 1e-5) since"),
-    ("Papernot et al. 2021, tanh CNN", 0.981, "2.93", None,
-     "sigma, q and steps: not found in the paper's text (its tanh CNN is the one Tramer & Boneh rerun)"),
-    ("Tramer & Boneh 2021, tanh CNN (their rerun)", 0.981, "~3",
-     [(1.23, 512 / N_TRAIN, (N_TRAIN // 512) * 40)],
-     "their code's README: sigma 1.23, batch 512, 40 epochs"),
-    ("Tramer & Boneh 2021, ScatterNet + linear", 0.987, "~3",
-     [(8.0, 1.0, 2), (3.04, 4096 / N_TRAIN, (N_TRAIN // 4096) * 40)],
-     "their code's README: sigma 3.04, batch 4,096, DP normalization sigma 8 (two releases, charged); "
-     "40 epochs is what makes their accountant give 3.00 for sigma 3.04"),
-]
-
-
-def classical_epsilon(runs, delta: float = dp.DELTA) -> float:
-    """The moments accountant's epsilon: RDP of the Poisson-subsampled Gaussian (Opacus's ``compute_rdp``)
-    composed over the runs, converted with eps = min_alpha RDP(alpha) + log(1 / delta) / (alpha - 1).
-
-    The conversion of Abadi et al. 2016 / Mironov 2017, used by TF Privacy and Opacus <= 0.x: looser than
-    Opacus 1.x's (Balle et al. 2020), so it gives a larger epsilon for the same run.
-    """
-    from opacus.accountants.analysis.rdp import compute_rdp
-    from opacus.accountants.rdp import RDPAccountant
-
-    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
-    rdp = sum(np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
-              for sigma, q, steps in runs)
-    return float(np.min(rdp + math.log(1 / delta) / (orders - 1)))
+# (name, test accuracy, epsilon as published, runs or None, source): privacy.MNIST_ANCHORS as rows
+ANCHORS = [(name, *row) for name, row in dp.MNIST_ANCHORS.items()]
+classical_epsilon = dp.classical_epsilon
 
 
 def three_epsilons(runs, delta: float = dp.DELTA) -> tuple[float, float, float]:
     """``(PRV, Opacus RDP, classical)`` epsilon of the runs ``[(sigma, q, steps), ...]``."""
-    return (dp.epsilon_spent(runs, delta, "prv"), dp.epsilon_spent(runs, delta, "rdp"),
-            classical_epsilon(runs, delta))
+    eps = dp.epsilons(runs, delta)
+    return eps["PRV"], eps["RDP"], eps["classical"]
 
 
-def train_seed(seed: int, train, test, args) -> tuple[float, dp_sgd.PrivateTraining]:
-    torch.manual_seed(seed)
-    head = ft.linear_head()
+def benchmark_runs(args) -> list[tuple[float, float, int]]:
+    """Everything the data pays: the DP normalization (if any), then the training, at noise chosen so that
+    the total is ``args.target_epsilon`` by PRV."""
+    sample_rate, steps_per_epoch = dp.poisson_sampling(N_TRAIN, args.batch_size)  # as make_private samples
+    before = ft.normalization_runs(args.norm_noise) if args.normalization == "dp" else []
+    steps = steps_per_epoch * args.epochs
+    sigma = dp.noise_for_epsilon(args.target_epsilon, sample_rate, steps, after=before)
+    return before + [(sigma, sample_rate, steps)]
+
+
+def load_features(args):
+    data, normalization = {}, None
+    images = {split: tuple(np.array(a) for a in mnist_raw(train=split == "train"))
+              for split in ("train", "test")}
+    if args.normalization == "dp":
+        moments = ft.channel_moments(images["train"][0])
+        normalization = ft.dp_channel_statistics(moments, noise_multiplier=args.norm_noise, **NORM_CLIPS,
+                                                 generator=torch.Generator().manual_seed(12345))
+        del moments
+    for split, (x, y) in images.items():
+        data[split] = (ft.scatter_features(x, compact=True, statistics=normalization),
+                       torch.from_numpy(np.array(y)).long())
+    return data
+
+
+def train_seed(seed: int, train, test, args, sigma: float) -> tuple[float, dp_sgd.PrivateTraining]:
+    head = ft.linear_head()  # zero start: the seed only drives the sampling and the noise
     optimizer = torch.optim.SGD(head.parameters(), lr=args.lr, momentum=args.momentum)
-    private = ft.make_private_features(head, optimizer, *train, batch_size=args.batch_size,
-                                       max_grad_norm=args.max_grad_norm, target_epsilon=args.target_epsilon,
-                                       epochs=args.epochs)
+    private = dp_sgd.make_private(head, optimizer, *train, batch_size=args.batch_size,
+                                  max_grad_norm=args.max_grad_norm, noise_multiplier=sigma,
+                                  generator=torch.Generator().manual_seed(seed))
     tic = time.perf_counter()
     for epoch in range(1, args.epochs + 1):
         private.train_epoch(progress=False)
@@ -103,33 +106,33 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for name, value in RECIPE.items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value)
+    parser.add_argument("--normalization", choices=("dp", "per-image"), default="dp")
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (1: steady on a busy machine)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     start, cpu = time.perf_counter(), time.process_time()
 
-    tic = time.perf_counter()
-    data = {}
-    for split, train in (("train", True), ("test", False)):
-        images, labels = mnist_raw(train=train)
-        data[split] = (ft.scatter_features(images, compact=True), torch.from_numpy(np.array(labels)).long())
-    features_s = time.perf_counter() - tic
-    print(f"ScatterNet features (kymatio, J=2, 8 angles: {ft.N_FEATURES:,} per digit, GroupNorm per image, "
+    runs = benchmark_runs(args)
+    sigma, sample_rate, steps = runs[-1]
+    data = load_features(args)
+    features_s = time.perf_counter() - start
+    how = (f"per channel, DP statistics (Gaussian, noise multiplier {args.norm_noise:g}, 2 releases, "
+           "charged)" if args.normalization == "dp" else "GroupNorm per image")
+    print(f"ScatterNet features (kymatio, J=2, 8 angles: {ft.N_FEATURES:,} per digit, normalized {how}, "
           f"int8): {len(data['train'][1]):,} + {len(data['test'][1]):,} digits in {features_s:.0f} s",
           flush=True)
+    print(f"recipe: linear layer on ScatterNet features, DP-SGD (Opacus ghost clipping), Poisson batches of "
+          f"{args.batch_size} (q = {sample_rate:.5f}), clip {args.max_grad_norm}, noise multiplier "
+          f"{sigma:.4f} "
+          f"(total eps {args.target_epsilon} after {args.epochs} epochs, PRV), SGD lr {args.lr} momentum "
+          f"{args.momentum}, {steps} steps, {args.threads} thread(s)", flush=True)
 
-    accuracies, runs = [], None
+    accuracies = []
     for seed in range(args.seeds):
-        accuracy, private = train_seed(seed, data["train"], data["test"], args)
+        accuracy, private = train_seed(seed, data["train"], data["test"], args, sigma)
+        assert private.steps == steps and private.sample_rate == sample_rate, "accounted run != trained run"
         accuracies.append(accuracy)
-        runs = [(private.noise_multiplier, private.sample_rate, private.steps)]
-        if seed == 0:
-            print(f"recipe: linear layer on ScatterNet features, DP-SGD (Opacus ghost clipping), Poisson "
-                  f"batches of {args.batch_size} (q = {private.sample_rate:.5f}), clip {args.max_grad_norm}, "
-                  f"noise multiplier {private.noise_multiplier:.4f} (eps {args.target_epsilon} after "
-                  f"{args.epochs} epochs, PRV), SGD lr {args.lr} momentum {args.momentum}, {private.steps} "
-                  f"steps, {args.threads} thread(s)", flush=True)
     train_s = time.perf_counter() - start - features_s
 
     prv, rdp, classical = three_epsilons(runs)
@@ -139,8 +142,7 @@ def main() -> None:
     print(f"RESULT mean test accuracy {mean:.2%} over {args.seeds} seeds (range {min(accuracies):.2%} to "
           f"{max(accuracies):.2%}) at eps = {prv:.2f} (PRV), {rdp:.2f} (Opacus RDP), {classical:.2f} "
           f"(classical moments accountant), delta = {dp.DELTA:g}")
-    sigma, q, steps = runs[0]
-    print(f"RESULT run: sigma {sigma:.4f}, q {q:.6f}, {steps} steps")
+    print(f"RESULT runs (sigma, q, steps): {[(round(s, 4), round(q, 6), n) for s, q, n in runs]}")
 
     print("\nAnchors, epsilon recomputed from each run's (sigma, q, steps) with today's accountants "
           f"(Opacus {__import__('opacus').__version__}; delta = 1e-5):")
@@ -162,9 +164,8 @@ def main() -> None:
     load = os.getloadavg()
     print(f"\nRESULT wall time {wall:.0f} s (features {features_s:.0f} s, training and evaluation "
           f"{train_s:.0f} s for {args.seeds} seeds), CPU time {time.process_time() - cpu:.0f} s, peak memory "
-          f"{peak_mb:.0f} MB, "
-          f"{args.threads} thread(s); load average at the end {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} "
-          f"on {os.cpu_count()} cores")
+          f"{peak_mb:.0f} MB, {args.threads} thread(s); load average at the end {load[0]:.1f} / "
+          f"{load[1]:.1f} / {load[2]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

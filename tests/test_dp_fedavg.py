@@ -1,4 +1,4 @@
-"""secure_ai.dp_fedavg: what each owner fixes, checks and charges, and DP-FedAvg through real datasites."""
+"""secure_ai.dp_fedavg: what each owner fixes, checks and charges; federated DP-SGD through real datasites."""
 import numpy as np
 import pytest
 import torch
@@ -8,7 +8,7 @@ from secure_ai import training as tr
 from secure_ai.dp_sgd import TanhCNN, make_private
 from secure_ai.remote import RemoteError
 
-# --- DP-FedAvg: what the owner fixes, checks and charges -------------------------------------------------
+# --- federated DP-SGD: what the owner fixes, checks and charges -----------------------------------------
 POLICY = dict(noise_multiplier=1.0, max_grad_norm=0.1, batch_size=50, epochs=1, lr=0.5)
 
 

@@ -74,9 +74,15 @@ def test_plots_draw_and_reject_empty_input():
 
     fig = plots.plot_noisy_answers({"with": [1, 2, 3], "without": [0, 1, 2]})
     assert len(fig.axes[0].patches) > 0
-    fig2 = plots.plot_privacy_utility({"sigma=1": [(1.0, 0.9), (2.0, 0.95)]}, baseline=0.99,
-                                   anchors={"paper": (2.0, 0.95)})
-    assert len(fig2.axes[0].lines) == 3
+    fig2 = plots.plot_privacy_utility({"sigma=1": [(1.0, 0.9), (2.0, 0.95)], "features": [(3.0, 0.98)]},
+                                      baselines={"no DP": 0.99, "features, no DP": 0.995},
+                                      anchors={"paper": (2.0, 0.95)})
+    lines = fig2.axes[0].lines
+    assert len(lines) == 5 and [line.get_linestyle() for line in lines[2:4]] == ["--", "--"]
+    from matplotlib.colors import same_color
+
+    assert same_color(lines[2].get_color(), lines[0].get_color())
+    assert same_color(lines[3].get_color(), lines[1].get_color())
     plt.close("all")
     with pytest.raises(ValueError, match="empty"):
         plots.plot_noisy_answers({})

@@ -37,7 +37,7 @@ L3, one workflow per chapter:
 
 * :mod:`secure_ai.pointers` - send, compute remotely, fetch (Part 1)
 * :mod:`secure_ai.federated` - FedAvg whose local updates run on the owners' datasites (Part 2)
-* :mod:`secure_ai.dp_fedavg` - DP-FedAvg with owner-side policies, checks and budgets (Part 3)
+* :mod:`secure_ai.dp_fedavg` - federated DP-SGD, record-level DP per owner: policies, checks, budgets (Part 3)
 * :mod:`secure_ai.secagg` - double-masked secure aggregation and the owners' checks on the aggregator (Part 4)
 * :mod:`secure_ai.aggregator` - the aggregator's side: a secure round, and rounds run in process (Part 4)
 * :mod:`secure_ai.scale` - concurrent rounds, deadlines, dropouts, FedAvgM (Part 7)

@@ -2,8 +2,8 @@
 
 A :class:`DataOwner` starts a named datasite (in memory by default, or an HTTP server on 127.0.0.1),
 holds private data next to a mock, lets a data scientist register, and reviews their code requests: every
-approval, DP-FedAvg's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code (what a
-review shows and binds is :class:`secure_ai.review.CodeReview`).
+approval, federated DP-SGD's included, goes through :meth:`DataOwner.approve`, bound to the reviewed code
+(what a review shows and binds is :class:`secure_ai.review.CodeReview`).
 Everything a data owner does goes through syft's own API; this module only removes the boilerplate and the
 noise, and makes restarts clean: starting an owner whose name is already running replaces it, and
 :func:`shutdown_all` (also run at exit) leaves no servers, ports or temporary folders behind.

@@ -1,4 +1,7 @@
-"""Part 3's workflow: DP-FedAvg, each owner training with DP-SGD on its datasite, within a budget it sets.
+"""Part 3's federated DP-SGD: each owner trains with DP-SGD on its datasite, within a budget it sets.
+
+Record-level DP per owner (McMahan et al.'s DP-FedAvg is something else: user-level DP, clipped and noised
+by the server).
 
 * owner side: :class:`DPPolicy` (the settings an owner fixes, from a noisy record count),
   :func:`ledger_path` (where an owner's :class:`~secure_ai.privacy.PrivacyLedger` file lives),
@@ -44,7 +47,7 @@ class DPRequestRefused(ValueError):
 
 @dataclass(frozen=True)
 class DPPolicy:
-    """One owner's DP-SGD settings for DP-FedAvg, fixed by the owner: the data scientist sets none of them.
+    """One owner's DP-SGD settings for federated DP-SGD, fixed by the owner: the data scientist sets none.
 
     Unit of privacy: one record of this owner. Neighbouring datasets: this owner's records with one record
     added or removed (the relation Opacus's accountants assume); the other owners' data is fixed. So nothing
@@ -142,12 +145,12 @@ def publish_policy(owner, ledger: PrivacyLedger, n_records: int, *, noise_multip
     ledger.record(*policy.count_release)
     owner.upload_dataset(POLICY_DATASET, private={"policy": policy.to_array()},
                          mock={"policy": policy.to_array()},
-                         description=f"{owner.name}'s DP-SGD settings for DP-FedAvg (public)")
+                         description=f"{owner.name}'s DP-SGD settings for federated DP-SGD (public)")
     return policy
 
 
 def dp_train(images, labels, weights, policy):
-    """The DP-FedAvg local update the owners approve (:func:`approve_dp_training` accepts only this code)."""
+    """The federated DP-SGD local update the owners approve (:func:`approve_dp_training` accepts only it)."""
     from secure_ai.dp_fedavg import dp_local_update
 
     return dp_local_update(images, labels, weights, policy)
@@ -178,7 +181,7 @@ def _check_weights(weights) -> dict[str, np.ndarray]:
 
 
 def dp_local_update(images, labels, weights: Mapping[str, np.ndarray], policy) -> dict:
-    """One data owner's DP-SGD update in a DP-FedAvg round, run on the owner's datasite.
+    """One data owner's DP-SGD update in a federated DP-SGD round, run on the owner's datasite.
 
     ``images`` are the owner's raw uint8 digits (N, 28, 28); ``policy`` the owner's :class:`DPPolicy`
     (or its asset array); ``weights``, the global :class:`TanhCNN` weights, is the one input the data
@@ -211,7 +214,7 @@ def _pinned(rule, asset) -> bool:
 
 def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy,
                         function_name: str = "dp_train") -> int:
-    """Owner side: approve the data scientist's pending DP-FedAvg request, or deny it and raise.
+    """Owner side: approve the data scientist's pending federated DP-SGD request, or deny it and raise.
 
     Approves only a request that carries one code, exactly :func:`dp_train` (the owner's own copy), and
     nothing else (a second code change, or nested code, is refused), whose inputs pin ``images``, ``labels``
@@ -247,7 +250,7 @@ def approve_dp_training(owner, ledger: PrivacyLedger, policy: DPPolicy,
 
 
 def _refusal(owner, ledger: PrivacyLedger, policy: DPPolicy, request) -> str | None:
-    """Why ``owner`` refuses this DP-FedAvg request, or ``None`` when every check passes (the budget is
+    """Why ``owner`` refuses this federated DP-SGD request, or ``None`` when every check passes (the budget is
     checked again when the ledger is charged).
 
     The request carries exactly one code and nothing nested: :meth:`DataOwner.code_of` checked that first.
@@ -299,7 +302,7 @@ def request_dp_training(client, rounds: int):
 
 
 def run_dp_fedavg(model: nn.Module, clients: Mapping[str, object], rounds: int, test, progress: bool = True):
-    """DP-FedAvg rounds (each owner runs :func:`dp_train`), averaged with the owners' noisy counts as weights.
+    """Federated DP-SGD rounds (each owner runs :func:`dp_train`), averaged with the noisy counts as weights.
 
     Returns ``(test accuracy per round, {owner: what its datasite returned in the last round})``; ``model``
     ends up with the final global weights. The owners' ledgers are theirs: nothing here records privacy.
@@ -318,6 +321,6 @@ def run_dp_fedavg(model: nn.Module, clients: Mapping[str, object], rounds: int, 
                                   [v["noisy_count"] for v in results.values()]))
         last.update(results)
 
-    history, _ = run_rounds(model, rounds, step, test, desc="DP FedAvg rounds", progress=progress)
+    history, _ = run_rounds(model, rounds, step, test, desc="federated DP-SGD rounds", progress=progress)
     return history, last
 

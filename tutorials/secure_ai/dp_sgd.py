@@ -1,8 +1,9 @@
 """DP-SGD with Opacus: a model it can train, and a loop that counts its steps and reports its epsilon.
 
 * :class:`TanhCNN` (Papernot et al. 2021) and :func:`check_compatible` (names the fix for a BatchNorm model)
-* :func:`make_private` wraps a model, an optimizer and tensors with Opacus and returns a
-  :class:`PrivateTraining` whose loop counts its (logical) steps and reports the accountant's epsilon
+* :func:`make_private` wraps a model, an optimizer and tensors (digits, or 2-D feature tensors such as
+  :mod:`secure_ai.features` computes) with Opacus and returns a :class:`PrivateTraining` whose loop counts
+  its (logical) steps and reports the accountant's epsilon; :func:`accuracy` of a model on either kind
 * :func:`os_generator`: the source of the Poisson sampling and of the noise, seeded by the operating system
 
 Two things Opacus leaves to its user are fixed here, because an owner runs DP-SGD on weights the data
@@ -55,6 +56,44 @@ class TanhCNN(nn.Module):
 
 
 PHYSICAL_BATCH = 256  # DP-SGD computes a batch in slices of at most this many samples (memory, not math)
+# Ghost clipping stores no per-sample gradient, only each sample's activations and output gradients. For a
+# linear head on 3,969 features, slices of 512 keep a step's peak about 90 MB lower than slices of 2,048
+# (measured), at little cost in speed.
+PHYSICAL_BATCH_FEATURES = 512
+
+
+def is_features(inputs) -> bool:
+    """Whether ``inputs`` are 2-D feature tensors (N, D), float or compact int8, rather than digits."""
+    return isinstance(inputs, torch.Tensor) and inputs.ndim == 2
+
+
+def check_inputs(inputs, labels) -> None:
+    """``ValueError`` unless ``inputs`` are digits (:func:`~secure_ai.training.check_data`) or 2-D features
+    (float, or int8 as :func:`secure_ai.features.scatter_features` stores them) that fit ``labels``."""
+    if not is_features(inputs):
+        check_data(inputs, labels)
+        return
+    if inputs.dtype != torch.int8 and not inputs.is_floating_point():
+        raise ValueError(f"features must be floats or compact int8, got {inputs.dtype}")
+    if len(inputs) == 0:
+        raise ValueError("no samples: the dataset is empty")
+    if not isinstance(labels, torch.Tensor) or labels.shape != (len(inputs),):
+        raise ValueError(f"labels must have shape ({len(inputs)},) to match the features, got "
+                         f"{tuple(getattr(labels, 'shape', ()))}")
+    if inputs.is_floating_point() and not torch.isfinite(inputs).all():
+        raise ValueError("features must be finite")
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, inputs: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000) -> float:
+    """Fraction of ``inputs`` (digits or 2-D features) that ``model`` classifies as ``labels``."""
+    check_inputs(inputs, labels)
+    if not is_features(inputs):
+        return evaluate(model, inputs, labels)[0]
+    model.eval()
+    correct = sum((model(inputs[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
+                  for i in range(0, len(labels), batch_size))
+    return correct / len(labels)
 
 
 class IncompatibleModelError(ValueError):
@@ -132,6 +171,7 @@ class PrivateTraining:
     accountant: str
     criterion: nn.Module
     steps: int = 0
+    ghost: bool = False  # ghost clipping (2-D features): Opacus clips in a second backward pass
 
     @property
     def module(self) -> nn.Module:
@@ -161,8 +201,10 @@ class PrivateTraining:
     def train_epoch(self, progress: bool = True, desc: str = "DP-SGD", on_step=None) -> float:
         """One pass of Poisson-sampled batches (clip each sample's gradient, add noise, step).
 
-        Batches larger than :data:`PHYSICAL_BATCH` are computed in slices of that size (Opacus's
-        ``BatchMemoryManager``): the same step and the same privacy, in a fraction of the memory.
+        Batches larger than :data:`PHYSICAL_BATCH` (:data:`PHYSICAL_BATCH_FEATURES` for features) are
+        computed in slices of that size (Opacus's ``BatchMemoryManager``): every slice clips its samples'
+        gradients and adds them to a running sum; only the last slice of a batch adds the noise and steps.
+        The same step and the same privacy, in a fraction of the memory.
         Returns the mean training loss; ``on_step(i)`` is called after the i-th step (1-based) of the epoch.
         """
         from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -171,8 +213,9 @@ class PrivateTraining:
 
         self.model.train()
         total, count, step = 0.0, 0, 0
-        manager = BatchMemoryManager(data_loader=self.loader, max_physical_batch_size=PHYSICAL_BATCH,
-                                     optimizer=self.optimizer)
+        manager = BatchMemoryManager(data_loader=self.loader, optimizer=self.optimizer,
+                                     max_physical_batch_size=PHYSICAL_BATCH_FEATURES if self.ghost
+                                     else PHYSICAL_BATCH)
         with quiet_opacus(), manager as slices:
             # mininterval: a few updates a second at most, so that a long run does not flood Jupyter
             bar = tqdm(slices, desc=desc, disable=not progress, leave=False, mininterval=1.0)
@@ -180,15 +223,15 @@ class PrivateTraining:
                 if x.dtype == torch.uint8:  # raw digits stay compact in memory: normalized slice by slice
                     x = normalize(x)
                 self.optimizer.zero_grad(set_to_none=True)
-                if len(y) == 0:  # an empty Poisson batch is still a step: noise only, and it is accounted
-                    for p in self.module.parameters():
+                if len(y) == 0 and not self.ghost:  # an empty Poisson batch is still a step: noise only,
+                    for p in self.module.parameters():  # and it is accounted (ghost mode handles it itself)
                         p.grad_sample = torch.zeros((0, *p.shape), dtype=p.dtype)
                     self.optimizer.step()
                 else:
                     loss = self.criterion(self.model(x), y)
                     loss.backward()
                     self.optimizer.step()  # a real step only after the last slice of a batch
-                    total += loss.item() * len(y)
+                    total += loss.item() * len(y) if len(y) else 0.0
                 count += len(y)
                 if i % 10 == 0:
                     release_memory()  # batch sizes vary every step: without this, memory keeps growing
@@ -205,7 +248,8 @@ class PrivateTraining:
 
     def fit(self, test: tuple[torch.Tensor, torch.Tensor], epochs: int, evals_per_epoch: int = 1,
             progress: bool = True) -> list[dict]:
-        """Train ``epochs`` DP epochs, evaluating on ``test`` ``evals_per_epoch`` times per epoch.
+        """Train ``epochs`` DP epochs, evaluating on ``test`` (digits or features, as trained on)
+        ``evals_per_epoch`` times per epoch.
 
         Returns one ``{"epoch", "steps", "epsilon", "accuracy"}`` per evaluation (``epoch`` may be 0.5).
         """
@@ -221,11 +265,11 @@ class PrivateTraining:
 
         def record(epoch: int, step: int) -> None:
             if step in checkpoints:
-                accuracy = evaluate(self.module, *test)[0]
+                correct = accuracy(self.module, *test)
                 self.model.train()
                 history.append({"epoch": epoch + checkpoints[step] / evals_per_epoch, "steps": self.steps,
-                                "epsilon": self.epsilon(), "accuracy": accuracy})
-                bar.set_postfix(test_acc=f"{accuracy:.4f}", epsilon=f"{history[-1]['epsilon']:.2f}")
+                                "epsilon": self.epsilon(), "accuracy": correct})
+                bar.set_postfix(test_acc=f"{correct:.4f}", epsilon=f"{history[-1]['epsilon']:.2f}")
 
         for epoch in bar:
             self.train_epoch(progress=progress, on_step=functools.partial(record, epoch))
@@ -235,7 +279,7 @@ class PrivateTraining:
 def make_private(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    images: torch.Tensor,
+    inputs: torch.Tensor,
     labels: torch.Tensor,
     *,
     batch_size: int,
@@ -248,22 +292,34 @@ def make_private(
     sample_rate: float | None = None,
     generator: torch.Generator | None = None,
 ) -> PrivateTraining:
-    """Make ``model`` + ``optimizer`` train with DP-SGD on ``(images, labels)``, via Opacus.
+    """Make ``model`` + ``optimizer`` train with DP-SGD on ``(inputs, labels)``, via Opacus.
+
+    ``inputs`` are digits (normalized (N, 1, 28, 28), or raw uint8 (N, 28, 28), which stay raw: a quarter
+    of the memory, each slice normalized as it is used), or 2-D features (N, D), float or the compact int8
+    of :func:`secure_ai.features.scatter_features`.
 
     Give either ``noise_multiplier`` (then epsilon grows as you train), or ``target_epsilon`` and
     ``epochs`` (Opacus picks the smallest noise that stays within epsilon after that many epochs).
-    Batches are Poisson-sampled with rate ``batch_size / len(images)``, as the accountant assumes.
+    Batches are Poisson-sampled with rate ``batch_size / len(inputs)``, as the accountant assumes.
     With ``sample_rate`` (and ``noise_multiplier``), the rate, the steps per epoch (``int(1 / rate)``)
     and the divisor of each noisy gradient sum (``batch_size``) are fixed by the caller and do not
-    depend on ``len(images)``: what DP-FedAvg needs so that nothing released depends on the exact n.
-    Raw uint8 digits (N, 28, 28) stay raw (a quarter of the memory); each slice is normalized as it is used.
+    depend on ``len(inputs)``: what federated DP-SGD needs so that nothing released depends on the exact n.
+
+    Per-sample gradients: on digits, expanded weights (``grad_sample_mode="ew"``), and a record whose
+    gradient is not finite adds zero (the weights may come from a data scientist: DP review 3.9). On
+    features, Opacus's ghost clipping (Li et al. 2022): each sample's gradient norm comes from its
+    activations and output gradients, and a second backward pass sums the clipped gradients, so no
+    per-sample gradient is stored (about 25 times faster for a linear head on 3,969 features). The same
+    clipping and noise; but Opacus's own clipping, without the non-finite safeguard: train features on
+    weights you chose (a curator's model), not on weights someone else sends.
 
     ``generator`` draws the Poisson sampling and the noise. Leave it ``None`` for a fresh
     :func:`os_generator`, always, on an owner's data: only a reproducible experiment on data that is not
     private passes a seeded one. torch's global generator is never used.
     """
-    images, labels = torch.as_tensor(images), torch.as_tensor(labels)
-    check_data(images, labels)
+    inputs, labels = torch.as_tensor(inputs), torch.as_tensor(labels)
+    check_inputs(inputs, labels)
+    ghost = is_features(inputs)
     if (noise_multiplier is None) == (target_epsilon is None):
         raise ValueError("give exactly one of noise_multiplier or target_epsilon (with epochs)")
     if target_epsilon is not None:
@@ -279,8 +335,8 @@ def make_private(
             raise ValueError(f"sample_rate must be in (0, 1], with noise_multiplier; got {sample_rate!r}")
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size (the expected batch) must be a positive int, got {batch_size!r}")
-    elif not isinstance(batch_size, int) or not 1 <= batch_size <= len(images):
-        raise ValueError(f"batch_size must be an integer in [1, {len(images)}], got {batch_size!r}")
+    elif not isinstance(batch_size, int) or not 1 <= batch_size <= len(inputs):
+        raise ValueError(f"batch_size must be an integer in [1, {len(inputs)}], got {batch_size!r}")
     if not max_grad_norm > 0:
         raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm!r}")
     if accountant not in ACCOUNTANTS:
@@ -294,7 +350,7 @@ def make_private(
     from opacus.data_loader import DPDataLoader
     from torch.utils.data import DataLoader, TensorDataset
 
-    dataset = TensorDataset(images, labels)
+    dataset = TensorDataset(inputs, labels)
     # Opacus's Poisson loader samples with the generator of the loader it replaces
     loader = DataLoader(dataset, batch_size=batch_size, generator=generator) if sample_rate is None else \
         DPDataLoader(dataset, sample_rate=sample_rate, generator=generator)  # Poisson, at the caller's rate
@@ -304,19 +360,25 @@ def make_private(
         # "ew" (expanded weights): per-sample gradients from one batched backward pass, about 25% faster
         # on a CPU than Opacus's default hooks for the same clipping and noise (measured on TanhCNN)
         common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=max_grad_norm,
-                      grad_sample_mode="ew", noise_generator=generator)
+                      grad_sample_mode="ghost" if ghost else "ew", noise_generator=generator,
+                      poisson_sampling=sample_rate is None)
+        if ghost:  # Opacus wraps the loss too: its backward() is the two passes of ghost clipping
+            common["criterion"] = criterion
         if target_epsilon is not None:
-            wrapped, dp_optimizer, dp_loader = engine.make_private_with_epsilon(
-                **common, target_epsilon=target_epsilon, target_delta=delta, epochs=epochs)
+            made = engine.make_private_with_epsilon(**common, target_epsilon=target_epsilon,
+                                                    target_delta=delta, epochs=epochs)
         else:
-            wrapped, dp_optimizer, dp_loader = engine.make_private(
-                **common, noise_multiplier=noise_multiplier, poisson_sampling=sample_rate is None)
-    finite = _finite_dp_optimizer()
-    if type(dp_optimizer) is not finite.__base__:  # what Opacus makes for flat clipping on one machine
-        raise RuntimeError(f"unexpected Opacus optimizer {type(dp_optimizer).__name__}")
-    dp_optimizer.__class__ = finite  # the same object and state, robust to non-finite gradients
-    if sample_rate is not None:  # Opacus derives both from len(images): fix them to the caller's values
+            made = engine.make_private(**common, noise_multiplier=noise_multiplier)
+    if ghost:
+        wrapped, dp_optimizer, criterion, dp_loader = made
+    else:
+        wrapped, dp_optimizer, dp_loader = made
+        finite = _finite_dp_optimizer()
+        if type(dp_optimizer) is not finite.__base__:  # what Opacus makes for flat clipping on one machine
+            raise RuntimeError(f"unexpected Opacus optimizer {type(dp_optimizer).__name__}")
+        dp_optimizer.__class__ = finite  # the same object and state, robust to non-finite gradients
+    if sample_rate is not None:  # Opacus derives both from len(inputs): fix them to the caller's values
         dp_optimizer.expected_batch_size = batch_size
         dp_optimizer.attach_step_hook(engine.accountant.get_optimizer_hook_fn(sample_rate=sample_rate))
-    return PrivateTraining(wrapped, dp_optimizer, dp_loader, engine, delta, accountant, criterion)
-
+    return PrivateTraining(wrapped, dp_optimizer, dp_loader, engine, delta, accountant, criterion,
+                           ghost=ghost)

@@ -9,24 +9,24 @@ exactly as DP-SGD on pixels.
 
 * :func:`scatter_features` images -> per-image-normalized ScatterNet features (N, 3969), in chunks;
   ``compact=True`` stores them as int8 (a quarter of the memory of float32)
+* DP normalization (Tramèr & Boneh's "BN" inputs): :func:`channel_moments` of each image, released by
+  :func:`dp_channel_statistics` with the Gaussian mechanism (:func:`normalization_runs` is its cost, to
+  compose with the training's), then ``scatter_features(..., statistics=...)`` standardizes each channel
 * :class:`ScatterNet` the same transform as a frozen ``nn.Module``: ``nn.Sequential(ScatterNet(), head)``
   classifies images with a ``head`` trained on features (what a membership attack needs)
 * :func:`linear_head` the classifier of Tramèr & Boneh: one linear layer on the features
-* :func:`make_private_features` DP-SGD on feature tensors through Opacus; returns the
-  :class:`~secure_ai.dp_sgd.PrivateTraining` of :func:`~secure_ai.dp_sgd.make_private`
-* :func:`accuracy` of a head on features
+* DP-SGD on features is :func:`secure_ai.dp_sgd.make_private` given the 2-D feature tensor (Opacus's ghost
+  clipping); :func:`accuracy` (that of :mod:`~secure_ai.dp_sgd`) measures a head on features
 """
 from __future__ import annotations
 
 import hashlib
-import warnings
 
 import torch
 from torch import nn
 
 from .data import MNIST_MEAN, MNIST_STD
-from .dp_sgd import PrivateTraining, check_compatible
-from .privacy import DELTA
+from .dp_sgd import accuracy  # noqa: F401  (re-exported: the accuracy of a head on features)
 
 J, ANGLES, SIZE = 2, 8, 28                 # 2 scales, 8 angles, 28 x 28 digits
 CHANNELS = 1 + J * ANGLES + ANGLES ** 2 * J * (J - 1) // 2  # order 0, 1 and 2 paths: 81
@@ -63,24 +63,43 @@ def _normalize_each(features: torch.Tensor) -> torch.Tensor:
     return ((grouped - mean) / torch.sqrt(variance + 1e-5)).reshape(len(features), -1)
 
 
+def _check_statistics(statistics):
+    if statistics is None:
+        return None
+    mean, variance = (torch.as_tensor(t, dtype=torch.float32) for t in statistics)
+    if mean.shape != (CHANNELS,) or variance.shape != (CHANNELS,) or not (
+            torch.isfinite(mean).all() and torch.isfinite(variance).all() and (variance >= 0).all()):
+        raise ValueError(f"statistics must be (mean, variance): {CHANNELS} finite numbers each, "
+                         "variances >= 0")
+    return mean, variance
+
+
 class ScatterNet(nn.Module):
     """Images -> normalized ScatterNet features (N, 3969): a fixed transform, no trainable weights.
 
     Takes raw uint8 digits (N, 28, 28) or MNIST-normalized floats (N, 1, 28, 28); each image is transformed
-    and normalized on its own. With ``compact``, the output is rounded as :func:`scatter_features` stores it.
+    on its own, then normalized on its own (GroupNorm), or, given ``statistics`` = (mean, variance) of the
+    81 channels, standardized with those (:func:`dp_channel_statistics` releases them under DP; a channel
+    of variance 0 becomes 0). With ``compact``, the output is rounded as :func:`scatter_features` stores it.
     With ``memo``, each image's features are kept (compact: 4 KB a digit), keyed by a hash of the image,
     and not computed again: a membership attack shows the same digits to dozens of models.
     """
 
-    def __init__(self, compact: bool = False, memo: bool = False):
+    def __init__(self, compact: bool = False, memo: bool = False, statistics=None):
         super().__init__()
         from kymatio.torch import Scattering2D
 
         self.scattering = Scattering2D(J=J, shape=(SIZE, SIZE), L=ANGLES)
         self.compact, self.memo = compact, {} if memo else None
+        self.statistics = _check_statistics(statistics)
 
     def _transform(self, pixels: torch.Tensor) -> torch.Tensor:
-        features = _normalize_each(self.scattering(pixels).reshape(-1, N_FEATURES))
+        raw = self.scattering(pixels).reshape(-1, CHANNELS, SIDE * SIDE)
+        if self.statistics is None:
+            features = _normalize_each(raw.reshape(-1, N_FEATURES))
+        else:  # as Tramer & Boneh: (x - mean) / sqrt(var + 1e-5) per channel, 0 where the variance is 0
+            mean, variance = (t.view(1, -1, 1) for t in self.statistics)
+            features = ((raw - mean) / torch.sqrt(variance + 1e-5) * (variance > 0)).reshape(-1, N_FEATURES)
         return _round_compact(features) if self.compact else features
 
     def _chunked(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -107,32 +126,98 @@ def _round_compact(features: torch.Tensor) -> torch.Tensor:
     return torch.round(features / COMPACT_SCALE).clamp_(-128, 127).to(torch.int8)
 
 
-def scatter_features(images, compact: bool = False, chunk: int = CHUNK, threads: int | None = None,
-                     progress: bool = False) -> torch.Tensor:
-    """ScatterNet features of ``images``: float32 (N, 3969), or int8 with ``compact`` (divide by 16 to read).
-
-    Computed ``chunk`` images at a time, so memory stays at the output plus one chunk. ``threads`` (torch
-    threads for the transform, e.g. 2 on a 2-core laptop) is restored afterwards. Each row depends only on
-    its own image: the same digit gives the same row, whatever else is in ``images``.
-    """
+def _in_chunks(images, chunk: int, threads: int | None, progress: bool, out: torch.Tensor, transform):
+    """``out[i] = transform(pixels of images[i])``, ``chunk`` images at a time, with ``threads`` torch threads
+    (restored afterwards). The scattering's scratch memory (about 150 MB for 60,000 digits) is then given
+    back to the operating system, not kept by the allocator for the rest of a notebook."""
     from tqdm.auto import tqdm
+
+    from .runtime import release_memory
 
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")
-    images = torch.as_tensor(images)
-    _pixels(images[:1])  # check the shape and dtype before any work
-    net = ScatterNet(compact=compact)
-    out = torch.empty((len(images), N_FEATURES), dtype=torch.int8 if compact else torch.float32)
     previous = torch.get_num_threads()
     try:
         if threads is not None:
             torch.set_num_threads(threads)
         for start in tqdm(range(0, len(images), chunk), desc="ScatterNet", disable=not progress,
                           mininterval=1.0):
-            out[start:start + chunk] = net._transform(_pixels(images[start:start + chunk]))
+            out[start:start + chunk] = transform(_pixels(images[start:start + chunk]))
     finally:
         torch.set_num_threads(previous)
+        release_memory()
     return out
+
+
+def scatter_features(images, compact: bool = False, chunk: int = CHUNK, threads: int | None = None,
+                     progress: bool = False, statistics=None) -> torch.Tensor:
+    """ScatterNet features of ``images``: float32 (N, 3969), or int8 with ``compact`` (divide by 16 to read).
+
+    Computed ``chunk`` images at a time, so memory stays at the output plus one chunk. ``threads`` (torch
+    threads for the transform, e.g. 2 on a 2-core laptop) is restored afterwards. Each row depends only on
+    its own image (and on ``statistics``, when given: see :class:`ScatterNet`): the same digit gives the
+    same row, whatever else is in ``images``.
+    """
+    images = torch.as_tensor(images)
+    _pixels(images[:1])  # check the shape and dtype before any work
+    net = ScatterNet(compact=compact, statistics=statistics)
+    out = torch.empty((len(images), N_FEATURES), dtype=torch.int8 if compact else torch.float32)
+    return _in_chunks(images, chunk, threads, progress, out, net._transform)
+
+
+def channel_moments(images, chunk: int = CHUNK, threads: int | None = None,
+                    progress: bool = False) -> torch.Tensor:
+    """Each image's ScatterNet moments, before any normalization: (N, 2, 81), the mean over the 7 x 7
+    positions of each channel, and the mean of its square. What :func:`dp_channel_statistics` releases."""
+    images = torch.as_tensor(images)
+    _pixels(images[:1])
+    scattering = ScatterNet().scattering
+
+    def moments(pixels):
+        raw = scattering(pixels).reshape(-1, CHANNELS, SIDE * SIDE)
+        return torch.stack([raw.mean(-1), raw.square().mean(-1)], dim=1)
+
+    return _in_chunks(images, chunk, threads, progress, torch.empty(len(images), 2, CHANNELS), moments)
+
+
+NORMALIZATION_RELEASES = 2  # the channel means and the channel mean squares: two Gaussian mechanisms
+
+
+def normalization_runs(noise_multiplier: float) -> list[tuple[float, float, int]]:
+    """What :func:`dp_channel_statistics` costs, as runs for :func:`secure_ai.privacy.epsilon_spent`: two
+    Gaussian mechanisms on sums of clipped vectors (sensitivity = the clip, add/remove), each one step at
+    q = 1. Compose them with the training's runs: the total is what the data pays."""
+    return [(float(noise_multiplier), 1.0, NORMALIZATION_RELEASES)]
+
+
+def dp_channel_statistics(moments: torch.Tensor, *, noise_multiplier: float, clip_mean: float,
+                          clip_square: float, generator: torch.Generator | None = None):
+    """The 81 channels' mean and variance over a dataset, released with the Gaussian mechanism (Tramèr &
+    Boneh 2021's DP normalization, without their uncharged median): ``(mean, variance)``.
+
+    ``moments`` are :func:`channel_moments`. Each image's vector of 81 channel means is clipped to L2 norm
+    ``clip_mean`` and summed, and noise N(0, (noise_multiplier * clip_mean)^2) is added to each coordinate;
+    the same for the mean squares with ``clip_square``. Both sums are divided by N, the dataset's size,
+    taken as public (as DP-SGD's sample rate q = B / N already does). The clips are constants chosen in
+    advance, not computed from the data. The variance is mean square - mean^2, at least 0. Costs
+    :func:`normalization_runs`. The noise comes from ``generator`` (default: one the OS seeds).
+    """
+    from .dp_sgd import os_generator
+
+    moments = torch.as_tensor(moments, dtype=torch.float64)
+    if moments.ndim != 3 or moments.shape[1:] != (2, CHANNELS) or len(moments) == 0:
+        raise ValueError(f"moments must be channel_moments(images), shape (N, 2, {CHANNELS}); got "
+                         f"{tuple(moments.shape)}")
+    if not (noise_multiplier > 0 and clip_mean > 0 and clip_square > 0):
+        raise ValueError("noise_multiplier, clip_mean and clip_square must be positive")
+    generator = os_generator() if generator is None else generator
+    released = []
+    for vectors, clip in ((moments[:, 0], clip_mean), (moments[:, 1], clip_square)):
+        factor = (clip / vectors.norm(dim=1).clamp(min=1e-12)).clamp(max=1.0)
+        noise = torch.randn(CHANNELS, generator=generator, dtype=torch.float64) * noise_multiplier * clip
+        released.append(((vectors * factor[:, None]).sum(0) + noise) / len(vectors))
+    mean, square = released
+    return mean.float(), (square - mean ** 2).clamp(min=0).float()
 
 
 class _Head(nn.Module):
@@ -158,70 +243,3 @@ def linear_head(n_features: int = N_FEATURES, classes: int = 10) -> nn.Module:
     nn.init.zeros_(head.fc.weight)
     nn.init.zeros_(head.fc.bias)
     return head
-
-
-@torch.no_grad()
-def accuracy(head: nn.Module, features: torch.Tensor, labels: torch.Tensor, batch_size: int = 2000) -> float:
-    """Fraction of ``features`` that ``head`` classifies as ``labels``."""
-    _check_features(features, labels)
-    head.eval()
-    correct = sum((head(features[i:i + batch_size]).argmax(1) == labels[i:i + batch_size]).sum().item()
-                  for i in range(0, len(labels), batch_size))
-    return correct / len(labels)
-
-
-def _check_features(features, labels) -> None:
-    if not isinstance(features, torch.Tensor) or features.ndim != 2 or len(features) == 0:
-        raise ValueError(f"features must be a non-empty 2-D tensor (N, features), got "
-                         f"{getattr(features, 'shape', type(features).__name__)}")
-    if features.dtype != torch.int8 and not features.is_floating_point():
-        raise ValueError(f"features must be floats or compact int8, got {features.dtype}")
-    if not isinstance(labels, torch.Tensor) or labels.shape != (len(features),):
-        raise ValueError(f"labels must be a tensor of shape ({len(features)},), got "
-                         f"{getattr(labels, 'shape', type(labels).__name__)}")
-
-
-def make_private_features(model: nn.Module, optimizer: torch.optim.Optimizer, features: torch.Tensor,
-                          labels: torch.Tensor, *, batch_size: int, max_grad_norm: float,
-                          noise_multiplier: float | None = None, target_epsilon: float | None = None,
-                          epochs: int | None = None, delta: float = DELTA,
-                          accountant: str = "prv") -> PrivateTraining:
-    """DP-SGD on precomputed features: :func:`~secure_ai.dp_sgd.make_private` for inputs that are not digits.
-
-    The same Opacus set-up (Poisson batches of ``batch_size`` on average, per-sample clipping to
-    ``max_grad_norm``, noise from ``noise_multiplier`` or from ``target_epsilon`` after ``epochs``), and the
-    same :class:`~secure_ai.dp_sgd.PrivateTraining` back: ``train_epoch``, ``steps`` and ``epsilon()`` work
-    as there; evaluate with :func:`accuracy`.
-    """
-    _check_features(features, labels)
-    if (noise_multiplier is None) == (target_epsilon is None):
-        raise ValueError("give exactly one of noise_multiplier or target_epsilon (with epochs)")
-    if target_epsilon is not None and (not isinstance(epochs, int) or epochs < 1):
-        raise ValueError(f"target_epsilon needs epochs, a positive integer; got {epochs!r}")
-    if not isinstance(batch_size, int) or not 1 <= batch_size <= len(features):
-        raise ValueError(f"batch_size must be an integer in [1, {len(features)}], got {batch_size!r}")
-    if not max_grad_norm > 0:
-        raise ValueError(f"max_grad_norm must be positive, got {max_grad_norm!r}")
-    check_compatible(model)
-
-    from opacus import PrivacyEngine
-    from torch.utils.data import DataLoader, TensorDataset
-
-    loader = DataLoader(TensorDataset(features, labels), batch_size=batch_size)
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", module="opacus")
-        warnings.filterwarnings("ignore", message=".*[Ss]ecure RNG.*")
-        engine = PrivacyEngine(accountant=accountant)
-        # ghost clipping (Li et al. 2022; Opacus's "ghost" mode): each sample's gradient norm comes from its
-        # activations and output gradients, and a second backward pass sums the clipped gradients, so the
-        # per-sample gradients are never stored. The same clipping and noise as the default mode, about 25
-        # times faster for a linear layer on 3,969 features (measured on a 2-core CPU).
-        common = dict(module=model, optimizer=optimizer, data_loader=loader, max_grad_norm=max_grad_norm,
-                      grad_sample_mode="ghost", criterion=nn.CrossEntropyLoss())
-        if target_epsilon is not None:
-            wrapped, dp_optimizer, criterion, dp_loader = engine.make_private_with_epsilon(
-                **common, target_epsilon=target_epsilon, target_delta=delta, epochs=epochs)
-        else:
-            wrapped, dp_optimizer, criterion, dp_loader = engine.make_private(
-                **common, noise_multiplier=noise_multiplier)
-    return PrivateTraining(wrapped, dp_optimizer, dp_loader, engine, delta, accountant, criterion)

@@ -282,7 +282,8 @@ def dp_trainer(epsilon: float, steps: int = 30, lr: float = 0.1, clip: float = 1
     later one (its shadows) reuses that noise. ``state`` then holds ``sigma`` and the ``epsilon`` spent. The
     model returned classifies digits: ``nn.Sequential(scatter_net(), head)``.
     """
-    from .features import linear_head, make_private_features
+    from .dp_sgd import make_private
+    from .features import linear_head
     from .training import set_seed
 
     state = {}
@@ -293,8 +294,9 @@ def dp_trainer(epsilon: float, steps: int = 30, lr: float = 0.1, clip: float = 1
         optimizer = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9)
         budget = ({"noise_multiplier": state["sigma"]} if state  # the shadows: the target's noise
                   else {"target_epsilon": epsilon, "epochs": steps})
-        run = make_private_features(head, optimizer, scatter_net()(images), labels.long(),
-                                    batch_size=len(labels), max_grad_norm=clip, **budget)
+        # seeded as before (a simulation on public digits); an owner's DP-SGD leaves the generator to the OS
+        run = make_private(head, optimizer, scatter_net()(images), labels.long(), batch_size=len(labels),
+                           max_grad_norm=clip, generator=torch.Generator().manual_seed(seed), **budget)
         for _ in range(steps):  # sample rate 1: one step per epoch
             run.train_epoch(progress=False)
         if "sigma" not in state:  # the target: its noise and the epsilon it spent

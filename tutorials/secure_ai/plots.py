@@ -98,14 +98,17 @@ def plot_noisy_answers(answers: Mapping[str, Sequence[float]], bins: int = 60, a
 _EPSILON_TICKS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 3, 5, 8, 10, 20, 50)
 
 
-def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], baseline: float | None = None,
+def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]],
+                         baselines: Mapping[str, float] | None = None,
                          anchors: Mapping[str, tuple[float, float]] | None = None, log_epsilon: bool = True,
                          xlabel: str = "epsilon (delta = 1e-5)", ax=None):
     """Test accuracy against epsilon: one line of ``(epsilon, accuracy)`` points per run.
 
-    ``baseline`` draws the non-private model's accuracy as a horizontal line; ``anchors`` marks
-    published results ``{label: (epsilon, accuracy)}``. Epsilon is on a log scale unless ``log_epsilon``
-    is false. Compare like with like: give every curve and anchor by the same accountant, named in ``xlabel``.
+    ``baselines`` draws non-private models' accuracies ``{label: accuracy}`` as dashed horizontal lines, the
+    i-th in the colour of the i-th curve (list them in the same order);
+    ``anchors`` marks published results ``{label: (epsilon, accuracy)}``. Epsilon is on a log scale unless
+    ``log_epsilon`` is false. Compare like with like: give every curve and anchor by the same accountant,
+    named in ``xlabel``.
     """
     if not curves:
         raise ValueError("curves is empty: pass {run name: [(epsilon, accuracy), ...]}")
@@ -116,8 +119,8 @@ def plot_privacy_utility(curves: Mapping[str, Sequence[tuple[float, float]]], ba
         points = np.asarray(points, dtype=float).reshape(-1, 2)
         ax.plot(points[:, 0], points[:, 1], marker="o", label=name)
         epsilons.extend(points[:, 0])
-    if baseline is not None:
-        ax.axhline(baseline, color="black", linestyle="--", label=f"non-private ({baseline:.1%})")
+    for i, (label, accuracy) in enumerate((baselines or {}).items()):  # in the colour of the i-th curve
+        ax.axhline(accuracy, color=f"C{i}", linestyle="--", label=f"{label} ({accuracy:.1%})")
     for label, (epsilon, accuracy) in (anchors or {}).items():
         ax.plot([epsilon], [accuracy], marker="*", markersize=12, linestyle="none", label=label)
         epsilons.append(epsilon)

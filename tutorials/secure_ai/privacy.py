@@ -3,13 +3,17 @@
 * counting queries: :func:`laplace_mechanism`, :func:`gaussian_mechanism` (analytic calibration), and
   :func:`gaussian_noise` (one draw from the operating system's secure source, as an owner releases a noisy
   record count)
-* accounting: :func:`poisson_sampling`, :func:`epsilon_spent` (epsilon of a list of DP-SGD runs), and
+* accounting: :func:`poisson_sampling`, :func:`epsilon_spent` (epsilon of a list of DP-SGD runs),
+  :func:`noise_for_epsilon` (the noise that keeps a training, after earlier releases, within a target),
+  :func:`classical_epsilon` and :func:`epsilons` (the same runs by the three conventions in use),
+  :data:`MNIST_ANCHORS` (published DP-SGD results on MNIST, with their runs where known), and
   :class:`PrivacyLedger` (one per owner, kept in a file that survives a restart)
 * the bound: :func:`dp_tpr_bound`, the highest true-positive rate any membership attack can reach against an
   (epsilon, delta)-DP training (Kairouz et al. 2015)
 
 Training with DP lives in :mod:`secure_ai.dp_sgd` (DP-SGD with Opacus) and :mod:`secure_ai.dp_fedavg`
-(DP-FedAvg on the owners' datasites); the chapter's figures are in :mod:`secure_ai.plots`.
+(federated DP-SGD, record-level DP per owner, on the owners' datasites); the chapter's figures are in
+:mod:`secure_ai.plots`.
 :func:`laplace_mechanism` and :func:`gaussian_mechanism` take a ``seed`` so that a lesson's figures can be
 reproduced; without one they draw from fresh OS entropy. What an owner releases draws from the OS only:
 :func:`gaussian_noise` takes no seed (DP review 3.10), and DP-SGD's generator is seeded by the OS
@@ -164,6 +168,81 @@ def epsilon_spent(runs: Sequence[tuple[float, float, int]], delta: float = DELTA
     counter.history = history
     with quiet_opacus():
         return float(counter.get_epsilon(delta=delta))
+
+
+def noise_for_epsilon(target_epsilon: float, sample_rate: float, steps: int, *,
+                      after: Sequence[tuple[float, float, int]] = (), delta: float = DELTA,
+                      accountant: str = "prv", tolerance: float = 1e-3) -> float:
+    """The smallest noise multiplier (within ``tolerance``) for which ``steps`` DP-SGD steps at
+    ``sample_rate``, composed with the runs ``after`` already spent, stay within ``target_epsilon``.
+
+    Opacus's ``make_private_with_epsilon`` does this for one training alone; here the training pays for
+    what was released before it (a DP normalization, a noisy count), so that the total is the target.
+    """
+    check_privacy(target_epsilon, delta)
+    after = list(after)
+    if epsilon_spent(after, delta, accountant) >= target_epsilon:
+        raise ValueError(f"the earlier runs already spend epsilon >= {target_epsilon}: nothing is left")
+
+    def fits(sigma: float) -> bool:
+        return epsilon_spent(after + [(sigma, sample_rate, steps)], delta, accountant) <= target_epsilon
+
+    low, high = 0.05, 1.0
+    while not fits(high):
+        low, high = high, high * 2
+        if high > 1e4:
+            raise ValueError(f"no noise multiplier up to 1e4 reaches epsilon {target_epsilon}")
+    while high - low > tolerance:
+        middle = (low + high) / 2
+        low, high = (low, middle) if fits(middle) else (middle, high)
+    return high
+
+
+def classical_epsilon(runs: Sequence[tuple[float, float, int]], delta: float = DELTA) -> float:
+    """Epsilon of ``runs`` by the moments accountant as the papers of 2016-2021 computed it.
+
+    Renyi DP of each Poisson-subsampled Gaussian run (Opacus's ``compute_rdp``; Mironov et al. 2019)
+    composed, then converted with eps = min_alpha RDP(alpha) + log(1 / delta) / (alpha - 1) (Abadi et al.
+    2016; Mironov 2017, Prop. 3), as TF Privacy and Opacus <= 0.x did. Opacus 1.x's RDP accountant converts
+    with Balle et al. (2020, Thm. 21) instead, and PRV (Gopi et al. 2021) is tighter still: the same run
+    has three epsilons, and only like may be compared with like.
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp
+    from opacus.accountants.rdp import RDPAccountant
+
+    for run in runs:
+        _check_run(*run)
+    orders = np.array(RDPAccountant.DEFAULT_ALPHAS, dtype=float)
+    rdp = sum(np.asarray(compute_rdp(q=q, noise_multiplier=sigma, steps=steps, orders=orders))
+              for sigma, q, steps in runs)
+    return float(np.min(rdp + math.log(1 / delta) / (orders - 1)))
+
+
+def epsilons(runs: Sequence[tuple[float, float, int]], delta: float = DELTA) -> dict[str, float]:
+    """``{"PRV": ..., "RDP": ..., "classical": ...}``: the epsilon of the same ``runs`` three ways (PRV and
+    Opacus's RDP from :func:`epsilon_spent`, the moments accountant from :func:`classical_epsilon`)."""
+    return {"PRV": epsilon_spent(runs, delta, "prv"), "RDP": epsilon_spent(runs, delta, "rdp"),
+            "classical": classical_epsilon(runs, delta)}
+
+
+# Published DP-SGD results on MNIST (60,000 training digits, delta = 1e-5): test accuracy, epsilon as
+# published, the runs as (noise multiplier, sample rate, steps) where the paper or its code gives them
+# (None where they do not), and where the numbers come from. :func:`epsilons` puts them on today's scales.
+MNIST_ANCHORS = {
+    "Opacus README (10-run mean)": (
+        0.9678, "3.01, now 2.91", [(1.1, 240 / 60_000, 60 * 250)],
+        "Opacus examples/mnist_README.md: sigma 1.1, batch 240, 60 epochs; printed (3.01, 1e-5) until "
+        "March 2021, (2.91, 1e-5) since"),
+    "Papernot et al. 2021, tanh CNN": (
+        0.981, "2.93", None, "sigma, q and steps: not in the paper's text"),
+    "Tramer & Boneh 2021, tanh CNN": (
+        0.981, "~3", [(1.23, 512 / 60_000, (60_000 // 512) * 40)],
+        "their code's README: sigma 1.23, batch 512, 40 epochs (their rerun of Papernot et al.'s CNN)"),
+    "Tramer & Boneh 2021, ScatterNet + linear": (
+        0.987, "~3", [(8.0, 1.0, 2), (3.04, 4096 / 60_000, (60_000 // 4096) * 40)],
+        "their code's README: sigma 3.04, batch 4,096; DP normalization at sigma 8 (two releases, charged); "
+        "40 epochs is what makes their accountant give 3.00 for sigma 3.04"),
+}
 
 
 class BudgetExceeded(ValueError):
