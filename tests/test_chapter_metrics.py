@@ -347,8 +347,6 @@ def test_command_prints_the_table_and_check_fails_on_a_missing_goal(tmp_path, ca
 # --- the real chapters ----------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(strict=False, reason="issue 21: the chapters are restructured to meet the goals; "
-                                        "make this strict once they do")
 def test_every_chapter_meets_the_learner_goals():
     assert CHAPTERS, "no tutorials/Part-*.ipynb found"
     found = {path.name: cm.measure_file(path).misses() for path in CHAPTERS}

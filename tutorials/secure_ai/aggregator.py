@@ -3,8 +3,8 @@
 :func:`secure_round` runs one round of double masking (mask, confirm, unmask) by calling each owner's
 approved functions of :mod:`secure_ai.secagg`, and :func:`unmask` removes the masks from what came back.
 :func:`masked_average` and :func:`ckks_average` run one round of each protocol in one process, the owners'
-functions called directly, to measure what the aggregator receives (Part 6, Appendix A, ``benchmarks/``). There each
-owner is handed an update already made, the same message for all: the model binding of
+functions called directly, to measure what the aggregator receives (Part 6, Appendix A, ``benchmarks/``).
+There each owner is handed an update already made, the same message for all: the model binding of
 :mod:`secure_ai.secagg` cannot see which model an update came from, so these rounds show what the
 aggregator would receive *without* it, when it sends different models.
 

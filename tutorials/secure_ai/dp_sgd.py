@@ -241,7 +241,7 @@ class PrivateTraining:
                     if on_step is not None:
                         on_step(step)
         # Opacus keeps the last slice's per-sample gradients on the parameters until the next zero_grad
-        # (batch x weights floats: 41 MB for Part 5's MLP): drop them, or every trained model carries them
+        # (batch x weights floats: 41 MB for Part 6's MLP): drop them, or every trained model carries them
         self.optimizer.zero_grad(set_to_none=True)
         release_memory()
         return total / max(count, 1)
