@@ -19,6 +19,7 @@ datasite. The data scientist's side is :mod:`secure_ai.remote`.
 from __future__ import annotations
 
 import atexit
+import gc
 import multiprocessing
 import os
 import re
@@ -36,6 +37,7 @@ import psutil
 from . import syft_patches, syft_servers
 from .quiet import quiet, silence_logging
 from .review import CodeReview
+from .runtime import release_memory
 
 # syft keeps each datasite's database and blobs under $TMPDIR/$SYFT_TEMP_ROOT/<server id>. One folder per
 # Python process, so that two notebooks (or a notebook and the tests) never share a datasite's files.
@@ -402,7 +404,8 @@ def resume_owner(owner: DataOwner) -> int:
 
 def shutdown_all() -> None:
     """Resume any paused server (so it can stop cleanly), shut every running data owner down, and remove
-    this process's syft folder. Registered to run at exit."""
+    this process's syft folder, and hand the memory they held back to the operating system. Registered
+    to run at exit."""
     for pid in list(_paused):
         try:
             psutil.Process(pid).send_signal(signal.SIGCONT)
@@ -413,6 +416,8 @@ def shutdown_all() -> None:
         owner.shutdown()
     if _NAMED_ROOT:
         shutil.rmtree(TEMP_ROOT, ignore_errors=True)
+    gc.collect()      # in-memory datasites hold reference cycles; their memory goes back to the system
+    release_memory()
 
 
 atexit.register(shutdown_all)
