@@ -104,26 +104,24 @@ class ScatterNet(nn.Module):
             features = ((raw - mean) / torch.sqrt(variance + 1e-5) * (variance > 0)).reshape(-1, N_FEATURES)
         return _round_compact(features) if self.compact else features
 
-    def _chunked(self, pixels: torch.Tensor) -> torch.Tensor:
-        # FORWARD_CHUNK images at a time, then the scratch memory handed back: kymatio's intermediates for
-        # 2,000 digits at once were about 0.4 GB, and glibc kept 0.14 GB of 500-digit chunks afterwards
-        rows = torch.cat([self._transform(pixels[i:i + FORWARD_CHUNK])
-                          for i in range(0, len(pixels), FORWARD_CHUNK)])
-        if len(pixels) > FORWARD_CHUNK:
-            release_memory()
-        return rows
+    def _chunked(self, images: torch.Tensor) -> torch.Tensor:
+        # FORWARD_CHUNK images at a time, then the scratch memory handed back (_in_chunks): kymatio's
+        # intermediates for 2,000 digits at once were about 0.4 GB, and glibc kept 0.14 GB of 500-digit chunks
+        out = torch.empty((len(images), N_FEATURES), dtype=torch.int8 if self.compact else torch.float32)
+        return _in_chunks(images, FORWARD_CHUNK, None, False, out, self._transform)
 
     @torch.no_grad()
     def forward(self, images) -> torch.Tensor:
-        pixels = _pixels(images)
+        images = torch.as_tensor(images)
+        pixels = _pixels(images)  # checks the shape and dtype; the memo's keys
         if self.memo is None:
-            rows = self._chunked(pixels)
+            rows = self._chunked(images)
         else:
             keys = [hashlib.blake2b(row.numpy().tobytes(), digest_size=16).digest() for row in pixels]
             new = list(dict.fromkeys(k for k in keys if k not in self.memo))
             if new:
                 index = {k: i for i, k in enumerate(keys)}
-                for key, row in zip(new, self._chunked(pixels[[index[k] for k in new]])):
+                for key, row in zip(new, self._chunked(images[[index[k] for k in new]])):
                     self.memo[key] = row.clone()
             rows = torch.stack([self.memo[k] for k in keys])
         return rows.float() * COMPACT_SCALE if self.compact else rows
@@ -138,7 +136,6 @@ def _in_chunks(images, chunk: int, threads: int | None, progress: bool, out: tor
     (restored afterwards). The scattering's scratch memory (about 150 MB for 60,000 digits) is then given
     back to the operating system, not kept by the allocator for the rest of a notebook."""
     from tqdm.auto import tqdm
-
 
     if not isinstance(chunk, int) or chunk < 1:
         raise ValueError(f"chunk must be a positive integer, got {chunk!r}")

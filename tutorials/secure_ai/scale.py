@@ -219,16 +219,15 @@ class Federation:
             raise ValueError(f"fraction (owners asked per round) must be in (0, 1], got {fraction!r}")
         if isinstance(min_answers, bool) or not isinstance(min_answers, int) or min_answers < 1:
             raise ValueError(f"min_answers must be a positive integer, got {min_answers!r}")
-        asked = len(trainers) if fraction == 1.0 else max(1, round(fraction * len(trainers)))
-        if min_answers > asked:
-            raise ValueError(f"min_answers={min_answers} but each round asks only {asked} owner(s): every "
-                             "round would keep the model")
         if not 0 <= server_momentum < 1:
             raise ValueError(f"server_momentum must be in [0, 1), got {server_momentum!r}")
         if not server_lr > 0:
             raise ValueError(f"server_lr must be positive, got {server_lr!r}")
         self.trainers = dict(trainers)
         self.deadline, self.fraction, self.concurrent = deadline, float(fraction), concurrent
+        if min_answers > self.per_round:
+            raise ValueError(f"min_answers={min_answers} but each round asks only {self.per_round} owner(s): "
+                             "every round would keep the model")
         self.min_answers = min_answers
         self.server_momentum, self.server_lr = float(server_momentum), float(server_lr)
         self.max_samples = {name: getattr(t, "max_samples", None) for name, t in self.trainers.items()}
@@ -238,13 +237,18 @@ class Federation:
         self._velocity: np.ndarray | None = None
         self._in_flight: dict[str, tuple[int, Future]] = {}
 
+    @property
+    def per_round(self) -> int:
+        """How many owners each round asks: all of them, or ``max(1, round(fraction * N))``."""
+        n = len(self.trainers)
+        return n if self.fraction == 1.0 else max(1, round(self.fraction * n))
+
     def sample(self) -> list[str]:
-        """This round's owners: ``max(1, round(fraction * N))`` of them, drawn without replacement."""
+        """This round's owners: :attr:`per_round` of them, drawn without replacement."""
         names = list(self.trainers)
-        if self.fraction == 1.0:
+        if self.per_round == len(names):
             return names
-        m = max(1, round(self.fraction * len(names)))
-        return sorted(self._rng.choice(names, size=m, replace=False).tolist(), key=names.index)
+        return sorted(self._rng.choice(names, size=self.per_round, replace=False).tolist(), key=names.index)
 
     def round(self, vector: np.ndarray, message: Mapping) -> tuple[np.ndarray, RoundRecord]:
         """Send ``{"vector": vector, **message}`` to this round's owners; aggregate who answered in time.
